@@ -1,0 +1,1 @@
+"""One module per target: executorch (ONNX and Core ML land with their issues)."""

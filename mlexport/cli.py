@@ -1,0 +1,231 @@
+"""The ``mlexport`` command line. Scripts and CI depend on these shapes; extend, never break them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlexport.errors import MlexportError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Export small language models (Llama-style, MobileLLM family) to ExecuTorch, Core ML and ONNX.",
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _quiet_libraries() -> None:
+    """torch/torchao print import-time warnings that bury our output; keep them out of the user's terminal."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    import torch  # noqa: F401  (torch configures its loggers on import; quiet them after)
+
+    for name in ("torch", "torchao", "executorch", "root", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mlexport export --target executorch --quant 4bit\n\n"
+        "  mlexport export --model ./MobileLLM-125M --target executorch --quant 8bit -o build/m125\n\n"
+        "  mlexport export --model SmolLM2-135M-Instruct.Q4_1.gguf --quant fp32 --force"
+    )
+)
+def export(
+    model: str = typer.Option("demo", "--model", "-m", help="demo | DIR (HF config+weights) | FILE.gguf | HUB_ID"),
+    target: str = typer.Option("executorch", "--target", "-t", help="executorch | coreml | onnx | all"),
+    quant: str = typer.Option("4bit", "--quant", "-q", help="4bit | 8bit | fp16 | fp32"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output directory"),
+    max_context: int = typer.Option(2048, "--max-context", help="KV cache length (tokens); capped by the model's"),
+    group_size: int = typer.Option(32, "--group-size", help="4-bit weight group size"),
+) -> None:
+    """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from mlexport.pipeline import ExportOptions, run_export, validate_options
+
+    opts = ExportOptions(model, target, quant, output, force, max_context, group_size)
+    validate_options(opts)  # bad flags fail before the slow imports
+    _quiet_libraries()
+    started = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=None)
+        last = {"text": "", "t": time.perf_counter()}
+
+        def status(text: str) -> None:
+            if text.startswith("warning:"):
+                bar.console.print(f"[yellow]{text}[/]")
+                return
+            if last["text"]:
+                bar.console.print(f"[green]✓[/] {last['text']} [dim]({time.perf_counter() - last['t']:.1f}s)[/]")
+            last.update(text=text, t=time.perf_counter())
+            bar.update(task, description=text)
+
+        dirs = run_export(opts, status)
+        status("done")
+    for directory in dirs:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        total = sum(f["bytes"] for f in manifest["files"] if not f["path"].startswith("tokenizer"))
+        console.print(
+            f"[bold green]wrote[/] {directory}  [dim]({total / 1e6:.1f} MB model, "
+            f"{time.perf_counter() - started:.0f}s)[/]"
+        )
+
+
+@app.command()
+def run(
+    artifact: Path = typer.Argument(..., help="artifact directory written by export (or a file inside it)"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="user message"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    seed: int = typer.Option(0, "--seed"),
+    raw: bool = typer.Option(False, "--raw", help="do not apply the chat template"),
+    system: str | None = typer.Option(None, "--system", help="system message for the chat template"),
+) -> None:
+    """Generate text from an exported artifact with its real runtime, streaming tokens."""
+    _quiet_libraries()
+    from mlexport.generate import generate
+    from mlexport.tokenizer import Tokenizer
+    from mlexport.validate.runtimes import open_runtime
+
+    runtime, directory, manifest = open_runtime(artifact)
+    spec = manifest.get("model", {}).get("spec", {})
+    tokenizer = Tokenizer(directory, chat_template=spec.get("chat_template"))
+    text = prompt if raw else tokenizer.render_chat(prompt, system)
+    ids = tokenizer.encode(text)
+    generated: list[int] = []
+    shown = ""
+
+    def on_token(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        full = tokenizer.decode(generated)
+        if not full.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            sys.stdout.write(full[len(shown) :])
+            sys.stdout.flush()
+            shown = full
+
+    stats = generate(runtime, ids, max_new_tokens, temperature, seed, on_token)
+    sys.stdout.write("\n")
+    console.print(
+        f"[dim]{stats.prompt_tokens} prompt tokens, {stats.prefill_tok_s:.1f} tok/s prefill; "
+        f"{stats.generated_tokens} generated, {stats.decode_tok_s:.1f} tok/s decode[/]"
+    )
+
+
+@app.command()
+def inspect(
+    target: str = typer.Argument(..., help="a model (demo | DIR | FILE.gguf | HUB_ID) or an artifact directory"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Show a model's spec and sizes, or what an artifact stores."""
+    _quiet_libraries()
+    path = Path(target)
+    info = _inspect_artifact(path) if (path / "manifest.json").is_file() or path.name == "manifest.json" else None
+    if info is None:
+        from mlexport.sources import load_model
+
+        loaded = load_model(target)
+        spec = loaded.spec
+        info = {
+            "kind": "model",
+            "source": loaded.source,
+            "spec": spec.to_dict(),
+            "params_unique": spec.param_count(unique=True),
+            "params_executed": spec.param_count(unique=False),
+        }
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    table = Table(title=f"{info['kind']}: {target}", show_header=False)
+    for key, value in _flat(info):
+        table.add_row(key, value)
+    out.print(table)
+
+
+def _inspect_artifact(path: Path) -> dict[str, Any]:
+    from mlexport.artifacts import read_manifest
+
+    directory, manifest = read_manifest(path)
+    return {
+        "kind": "artifact",
+        "target": manifest["target"],
+        "quant": manifest["quant"],
+        "files": manifest["files"],
+        "total_bytes": sum(f["bytes"] for f in manifest["files"]),
+        "quant_plan": manifest["quant_plan"]["tensors"] and _summarize_plan(manifest["quant_plan"]),
+        "warnings": manifest.get("warnings", []),
+        "delegation": manifest.get("delegation"),
+    }
+
+
+def _summarize_plan(plan: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for q in plan["tensors"].values():
+        key = q["scheme"] + (f"/g{q['group_size']}" if q.get("group_size") else "")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _flat(info: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for key, value in info.items():
+        if key == "files":
+            for f in value:
+                rows.append((f"file {f['path']}", f"{f['bytes'] / 1e6:.2f} MB  sha256 {f['sha256'][:12]}"))
+        elif key == "spec":
+            for k, v in value.items():
+                if k != "chat_template":
+                    rows.append((k, _short(v)))
+        else:
+            rows.append((key, _short(value)))
+    return rows
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 8 and len(set(map(str, value))) == 1:
+        return f"[{value[0]}] × {len(value)}"
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def main() -> None:
+    """Console entry point: user errors become one red line and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except MlexportError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[red]aborted[/]")
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""One export-friendly Llama-style decoder, built from a ModelSpec.
+
+Why our own decoder instead of transformers' modules: a static KV cache with one cache per *executed* layer (so
+MobileLLM-LS block repeats stay correct), shared blocks that alias the same weight modules, a tied head that
+reads the embedding's Parameter, and attention that can be swapped for ExecuTorch's fused custom ops. All of it
+traces cleanly with torch.export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlexport.spec import ModelSpec
+
+ATTENTION_BACKENDS = ("torch", "executorch")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # XNNPACK delegates a mean only over the last two dims of a 4-D tensor, and a reshape only when its shape
+        # is static but for one -1. Anything else falls out of the delegate and splits each layer into several
+        # partitions, which slows lowering and inference alike. Hence the 4-D view with -1 for the token dim.
+        dtype = x.dtype
+        x = x.float()
+        if x.dim() == 3:  # [B, T, D]
+            x4 = x.reshape(x.shape[0], -1, 1, x.shape[-1])
+        else:  # [B, T, H, D] (QK-norm)
+            x4 = x.reshape(-1, x.shape[-2], 1, x.shape[-1])
+        ms = x4.pow(2).mean(dim=(-1, -2), keepdim=True)
+        x4 = x4 * torch.rsqrt(ms + self.eps)
+        x = x4.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() == 3 else x4.reshape(x.shape[0], -1, *x.shape[2:])
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """RoPE inverse frequencies, with the scaling schemes transformers applies for Llama 3.x and linear."""
+    hd = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = spec.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R with x @ R == cat(-x[..., D/2:], x[..., :D/2]): rotate-half as a constant matmul.
+
+    Slices with a dynamic token dimension are not delegated to XNNPACK; a tiny constant matmul is.
+    """
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_t: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face layout) on x [B, T, H, D] with cos/sin [T, 1, D].
+
+    ``F.linear`` (not matmul) keeps the op whole through export: matmul decomposes into mm plus symbolic views.
+    """
+    return x * cos + F.linear(x, rot_t) * sin
+
+
+class KVCache(nn.Module):
+    """Static cache [B, max_context, n_kv, head_dim] for one executed layer (ExecuTorch's layout)."""
+
+    def __init__(self, max_context: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (1, max_context, n_kv, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, block: int) -> None:
+        super().__init__()
+        d, hd = spec.dim, spec.head_dim
+        self.n_heads, self.n_kv, self.head_dim = spec.n_heads[block], spec.n_kv_heads[block], hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, spec.norm_eps)
+            self.k_norm = RMSNorm(hd, spec.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rot: torch.Tensor,
+        cache: KVCache | None,
+        start: int | None,
+        backend: str,
+    ) -> torch.Tensor:
+        b, t = x.shape[0], x.shape[1]  # views use -1 for t: symbolic shapes are not delegated (see RMSNorm)
+        q = self.q_proj(x).view(b, -1, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, -1, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, -1, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
+
+        if cache is None:  # full-sequence reference path: causal attention over this call's tokens only
+            out = _sdpa(q, k, v, None, causal=True)
+        elif backend == "executorch":
+            torch.ops.llama.update_cache(k.to(cache.k.dtype), cache.k, start)
+            torch.ops.llama.update_cache(v.to(cache.v.dtype), cache.v, start)
+            out = torch.ops.llama.custom_sdpa(q, cache.k, cache.v, start, None, 0, True)
+        else:
+            cache.k[:, start : start + t] = k.to(cache.k.dtype)
+            cache.v[:, start : start + t] = v.to(cache.v.dtype)
+            positions = torch.arange(cache.k.shape[1], device=x.device)
+            query_pos = start + torch.arange(t, device=x.device)
+            mask = positions[None, :] <= query_pos[:, None]
+            out = _sdpa(q, cache.k.to(q.dtype), cache.v.to(q.dtype), mask, causal=False)
+        return self.o_proj(out.reshape(b, -1, self.n_heads * self.head_dim))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Attention on [B, T, H, D] tensors, expanding KV heads for GQA."""
+    reps = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if reps > 1:
+        k = k.repeat_interleave(reps, dim=1)
+        v = v.repeat_interleave(reps, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, block: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.dim, spec.norm_eps)
+        self.self_attn = Attention(spec, block)
+        self.post_attention_layernorm = RMSNorm(spec.dim, spec.norm_eps)
+        self.mlp = MLP(spec.dim, spec.ffn_dim[block])
+
+
+class Decoder(nn.Module):
+    """forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]; input_pos=None runs without the cache.
+
+    State-dict keys follow Hugging Face Llama naming without the ``model.`` prefix, so checkpoints load as is.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_context: int | None = None,
+        backend: str = "torch",
+        cache_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"backend must be one of {ATTENTION_BACKENDS}")
+        if backend == "executorch":
+            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama:: ops)
+        self.spec = spec
+        self.backend = backend
+        self.max_context = max_context or spec.max_context
+        self.layer_map = list(spec.layer_map)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleList(Block(spec, b) for b in range(spec.n_blocks))
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.caches = nn.ModuleList(
+            KVCache(self.max_context, spec.n_kv_heads[b], spec.head_dim, cache_dtype) for b in self.layer_map
+        )
+        freqs = torch.outer(torch.arange(self.max_context).float(), rope_inv_freq(spec))
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [ctx, 1, head_dim]: broadcasts over heads
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("rope_rot_t", rotate_half_matrix(spec.head_dim).T.contiguous(), persistent=False)
+
+    def reset_cache(self) -> None:
+        for cache in self.caches:
+            cache.k.zero_()
+            cache.v.zero_()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        t = tokens.shape[1]
+        if input_pos is None:
+            start = None
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        else:
+            start = input_pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start + t <= self.max_context)
+            cos = self.rope_cos.narrow(0, start, t)
+            sin = self.rope_sin.narrow(0, start, t)
+        h = self.embed_tokens(tokens)
+        for layer_idx, block_idx in enumerate(self.layer_map):
+            block = self.layers[block_idx]
+            cache = self.caches[layer_idx] if start is not None else None
+            h = h + block.self_attn(block.input_layernorm(h), cos, sin, self.rope_rot_t, cache, start, self.backend)
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        return self.lm_head(self.norm(h)).float()
+
+
+def build_decoder(
+    spec: ModelSpec,
+    state_dict: dict[str, torch.Tensor],
+    max_context: int | None = None,
+    backend: str = "torch",
+    dtype: torch.dtype = torch.float32,
+) -> Decoder:
+    """Build the decoder and load weights strictly: a missing or extra key is a loader bug, never ignored."""
+    model = Decoder(spec, max_context=max_context, backend=backend, cache_dtype=dtype)
+    sd = dict(state_dict)
+    if spec.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the spec: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if spec.tie_embeddings:  # load_state_dict copies; make sure the tie survives as one Parameter
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.to(dtype).eval()

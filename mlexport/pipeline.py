@@ -1,0 +1,154 @@
+"""The export pipeline: source -> spec + weights -> quant plan -> exporter -> artifact + manifest.
+
+Each stage hands a plain object to the next; this module only sequences them, times them and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlexport.artifacts import MANIFEST, MANIFEST_VERSION, StageLog, atomic_output_dir, describe_files, tool_versions
+from mlexport.artifacts import write_json_atomic
+from mlexport.errors import MlexportError
+from mlexport.model import build_decoder
+from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, plan_quantization
+from mlexport.sources import LoadedModel, load_model
+
+TARGETS = ("executorch",)  # the ONNX and Core ML exporters land with their own issues
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+DEFAULT_MAX_CONTEXT = 2048
+
+Status = Callable[[str], None]
+
+
+@dataclass
+class ExportOptions:
+    model: str = "demo"
+    target: str = "executorch"
+    quant: str = "4bit"
+    out: Path | None = None
+    force: bool = False
+    max_context: int = DEFAULT_MAX_CONTEXT
+    group_size: int = DEFAULT_GROUP_SIZE
+
+
+def model_label(source: str) -> str:
+    """Short name for out/<model>-<target>-<quant>/: 'demo', a directory's or file's name, a Hub id's name."""
+    if source == "demo":
+        return "demo"
+    name = Path(source.rstrip("/")).name
+    return re.sub(r"[^\w.-]+", "_", Path(name).stem if name.endswith(".gguf") else name)
+
+
+def default_out_dir(opts: ExportOptions, target: str) -> Path:
+    return Path("out") / f"{model_label(opts.model)}-{target}-{opts.quant}"
+
+
+def validate_options(opts: ExportOptions) -> list[str]:
+    """Check flags before the minutes of work start; return the targets to build."""
+    if opts.quant not in PRESETS:
+        raise MlexportError(f"unknown --quant {opts.quant!r}; choose one of {', '.join(PRESETS)}")
+    targets = list(TARGETS) if opts.target == "all" else [opts.target]
+    for t in targets:
+        if t not in TARGETS:
+            planned = {"onnx": "issue #4", "coreml": "issue #5"}
+            hint = f" (not built yet: {planned[t]})" if t in planned else ""
+            raise MlexportError(f"unknown or unavailable --target {t!r}{hint}; available: {', '.join(TARGETS)}")
+    if opts.max_context < 16:
+        raise MlexportError("--max-context must be at least 16")
+    if opts.out is not None and len(targets) > 1:
+        raise MlexportError("-o names one artifact directory; with --target all, omit -o (writes out/<model>-*/)")
+    return targets
+
+
+def run_export(opts: ExportOptions, status: Status | None = None) -> list[Path]:
+    """Export ``opts.model`` to every requested target; return the artifact directories."""
+    say = status or (lambda _text: None)
+    targets = validate_options(opts)
+    outs = [opts.out or default_out_dir(opts, t) for t in targets]
+    for out in outs:  # fail before loading anything if we would clobber a user's files
+        if out.exists() and not opts.force and (out.is_file() or any(out.iterdir())):
+            raise MlexportError(f"{out} already exists; pass --force to overwrite it or -o to write elsewhere")
+    log = StageLog()
+    say(f"loading model {opts.model!r}")
+    with log.stage("load"):
+        loaded = load_model(opts.model)
+    results = []
+    for target, out in zip(targets, outs, strict=True):
+        results.append(_export_one(loaded, opts, target, out, StageLog(list(log.stages)), say))
+    return results
+
+
+def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path, log: StageLog, say: Status) -> Path:
+    spec = loaded.spec
+    max_context = min(opts.max_context, spec.max_context)
+    started = time.time()
+    with atomic_output_dir(out, opts.force) as tmp:
+        if target == "executorch":
+            from mlexport.exporters.executorch import export_pte
+            from mlexport.quantize.torchao_map import apply_plan
+
+            model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend="executorch")
+            plan = plan_quantization(model, opts.quant, opts.group_size)
+            say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
+            with log.stage("quantize"):
+                apply_plan(model, plan)
+            report = export_pte(model, tmp, log, say)
+        else:  # guarded by validate_options
+            raise MlexportError(f"target {target!r} is not available")
+        warnings = [*plan.notes, *_tie_warnings(spec, plan)]
+        if report.get("unexpected_fallback_ops"):
+            warnings.append(f"ops left outside XNNPACK (run on portable kernels): {report['unexpected_fallback_ops']}")
+        copy_tokenizer(loaded, tmp)
+        manifest: dict[str, Any] = {
+            "manifest_version": MANIFEST_VERSION,
+            "target": target,
+            "quant": opts.quant,
+            "created_unix": int(started),
+            "model": {"source": opts.model, **loaded.source, "spec": spec.to_dict()},
+            "max_context": max_context,
+            "quant_plan": plan.to_dict(),
+            "delegation": report,
+            "warnings": warnings,
+            "files": describe_files(tmp),
+            "tools": tool_versions(),
+            "stages": log.stages,
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    for warning in warnings:
+        say(f"warning: {warning}")
+    return out
+
+
+def _plan_text(summary: dict[str, int]) -> str:
+    return ", ".join(f"{n}× {k}" for k, n in sorted(summary.items()))
+
+
+def _tie_warnings(spec: Any, plan: Any) -> list[str]:
+    """A tied matrix quantized two ways is stored twice; say so rather than hide it."""
+    if not spec.tie_embeddings or plan.preset in ("fp32", "fp16"):
+        return []
+    emb, head = plan.tensors.get("embed_tokens.weight"), plan.tensors.get("lm_head.weight")
+    if emb and head and (emb.scheme, emb.group_size) != (head.scheme, head.group_size):
+        return [
+            f"tied embedding stored twice: embedding as {emb.scheme}, lm_head as {head.scheme}"
+            f"/g{head.group_size} ({spec.vocab_size}x{spec.dim} duplicated)"
+        ]
+    return []
+
+
+def copy_tokenizer(loaded: LoadedModel, out: Path) -> None:
+    if loaded.tokenizer_dir is None:
+        raise MlexportError(
+            "the model has no tokenizer (tokenizer.json or tokenizer.model); add it to the model directory"
+        )
+    for name in TOKENIZER_FILES:
+        src = loaded.tokenizer_dir / name
+        if src.is_file():
+            shutil.copy2(src, out / name)

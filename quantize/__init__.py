@@ -1,0 +1,95 @@
+"""Quantization presets -> a per-tensor plan, independent of any target.
+
+The plan is a plain data object: for each weight tensor of the decoder, the scheme, bit width and group size.
+Each exporter maps the plan onto what its runtime executes (``mlexport.quantize.torchao_map`` for ExecuTorch) and
+must refuse, never silently skip, a tensor it cannot represent as planned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from mlexport.errors import MlexportError
+
+PRESETS = ("4bit", "8bit", "fp16", "fp32")
+DEFAULT_GROUP_SIZE = 32
+
+
+@dataclass
+class TensorQuant:
+    """How one stored weight is quantized. ``group_size`` None means per output channel."""
+
+    scheme: str  # "int4_dynact" | "int8_dynact" | "int8_weight" | "int4_weight" | "fp16" | "fp32"
+    bits: int
+    group_size: int | None = None
+    note: str | None = None
+
+
+@dataclass
+class QuantPlan:
+    preset: str
+    dtype: str  # activation / float weight dtype: "fp32" or "fp16"
+    tensors: dict[str, TensorQuant] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "dtype": self.dtype,
+            "notes": self.notes,
+            "tensors": {name: asdict(q) for name, q in self.tensors.items()},
+        }
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for q in self.tensors.values():
+            key = q.scheme if q.group_size is None else f"{q.scheme}/g{q.group_size}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def valid_group_size(in_features: int, requested: int) -> int | None:
+    """Largest power-of-two group <= requested that divides in_features (min 16); None if there is none."""
+    group = requested
+    while group >= 16:
+        if in_features % group == 0:
+            return group
+        group //= 2
+    return None
+
+
+def plan_quantization(model: nn.Module, preset: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
+    """Decide the scheme of every Linear and Embedding weight in ``model`` for a preset.
+
+    A group size that does not divide a Linear's ``in_features`` is lowered to the largest valid one and the
+    change is recorded; with none valid, that Linear falls back to per-channel, also recorded.
+    """
+    if preset not in PRESETS:
+        raise MlexportError(f"unknown --quant {preset!r}; choose one of {', '.join(PRESETS)}")
+    plan = QuantPlan(preset=preset, dtype="fp16" if preset == "fp16" else "fp32")
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Embedding):
+            continue
+        key = f"{name}.weight"
+        if preset in ("fp32", "fp16"):
+            plan.tensors[key] = TensorQuant(scheme=preset, bits=32 if preset == "fp32" else 16)
+            continue
+        if isinstance(module, nn.Embedding):
+            plan.tensors[key] = TensorQuant(scheme="int8_weight", bits=8, group_size=None)
+            continue
+        if preset == "8bit":
+            plan.tensors[key] = TensorQuant(scheme="int8_dynact", bits=8, group_size=None)
+            continue
+        group = valid_group_size(module.in_features, group_size)
+        note = None
+        if group is None:
+            note = f"in_features {module.in_features} has no power-of-two group >= 16: per-channel instead"
+        elif group != group_size:
+            note = f"group {group_size} does not divide in_features {module.in_features}: using {group}"
+        if note:
+            plan.notes.append(f"{key}: {note}")
+        plan.tensors[key] = TensorQuant(scheme="int4_dynact", bits=4, group_size=group, note=note)
+    return plan

@@ -1,0 +1,61 @@
+"""Map a QuantPlan onto torchao configs that ExecuTorch's XNNPACK backend executes (8da4w, 8da8w, int8 embedding)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlexport.errors import MlexportError
+from mlexport.quantize import QuantPlan, TensorQuant
+
+
+def _config(q: TensorQuant):  # noqa: ANN202  (torchao config classes)
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    granularity = PerAxis(0) if q.group_size is None else PerGroup(q.group_size)
+    if q.scheme == "int4_dynact":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
+    if q.scheme == "int8_dynact":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=granularity)
+    if q.scheme == "int8_weight":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=granularity)
+    if q.scheme == "int4_weight":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)
+    raise MlexportError(f"scheme {q.scheme!r} has no ExecuTorch mapping")
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """True for torchao's quantized tensor subclasses (a plain Parameter means the layer stayed float)."""
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    return type(data) is not torch.Tensor
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Quantize in place, one torchao call per distinct config, then prove every planned tensor was quantized."""
+    from torchao.quantization import quantize_
+
+    if plan.dtype == "fp16":
+        model.half()
+    by_config: dict[tuple, list[str]] = {}
+    for name, q in plan.tensors.items():
+        if q.scheme in ("fp32", "fp16"):
+            continue
+        by_config.setdefault((q.scheme, q.group_size), []).append(name.removesuffix(".weight"))
+    modules = dict(model.named_modules())
+    for (scheme, group), names in by_config.items():
+        wanted = set(names)
+        quantize_(
+            model,
+            _config(TensorQuant(scheme=scheme, bits=0, group_size=group)),
+            filter_fn=lambda mod, fqn, wanted=wanted: fqn in wanted,
+        )
+    modules = dict(model.named_modules())
+    left = [
+        name
+        for name, q in plan.tensors.items()
+        if q.scheme not in ("fp32", "fp16") and not is_quantized(modules[name.removesuffix(".weight")].weight)
+    ]
+    if left:
+        raise MlexportError(f"{len(left)} tensors stayed float although the plan quantizes them: {left[:4]}")
+    return model

@@ -1,0 +1,1 @@
+"""Running artifacts through their real runtimes; drift statistics and latency build on this."""

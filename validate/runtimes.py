@@ -1,0 +1,75 @@
+"""Artifact runtimes behind one interface: ``forward(tokens, start) -> logits [T, vocab]`` with a KV cache.
+
+``mlexport run`` and the validation stage both go through this, so what we validate is what users run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mlexport.artifacts import read_manifest
+from mlexport.errors import MlexportError
+
+
+class ArtifactRuntime(Protocol):
+    max_context: int
+    vocab_size: int
+    eos_ids: list[int]
+    bos_id: int | None
+
+    def forward(self, tokens: list[int], start: int) -> np.ndarray: ...
+
+
+class ExecuTorchRuntime:
+    """A ``.pte`` through ExecuTorch's Python runtime (the same C++ kernels and XNNPACK delegate as on device)."""
+
+    def __init__(self, pte: Path, data_path: Path | None = None) -> None:
+        import torch
+
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::update_cache, custom_sdpa)
+        import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed kernels)
+        from executorch.runtime import Runtime
+
+        self._torch = torch
+        try:
+            program = Runtime.get().load_program(pte, data_path=data_path)
+        except Exception as exc:
+            raise MlexportError(f"ExecuTorch could not load {pte} ({exc}); re-export it") from None
+        self._method = program.load_method("forward")
+
+        def const(name: str, default: Any) -> Any:
+            if name not in program.method_names:
+                return default
+            out = program.load_method(name).execute([])
+            return out if name == "get_eos_ids" else out[0]
+
+        self.max_context = int(const("get_max_context_len", const("get_max_seq_len", 128)))
+        self.max_seq_len = int(const("get_max_seq_len", self.max_context))
+        self.vocab_size = int(const("get_vocab_size", 0))
+        self.bos_id = const("get_bos_id", None)
+        self.eos_ids = [int(e) for e in const("get_eos_ids", [])]
+
+    def forward(self, tokens: list[int], start: int) -> np.ndarray:
+        torch = self._torch
+        if start + len(tokens) > self.max_context:
+            raise MlexportError(f"context of {self.max_context} tokens exceeded; re-export with a larger --max-context")
+        t = torch.tensor([tokens], dtype=torch.long)
+        pos = torch.tensor([start], dtype=torch.long)
+        logits = self._method.execute((t, pos))[0]
+        return logits.reshape(-1, logits.shape[-1]).float().numpy()
+
+
+def open_runtime(artifact: Path) -> tuple[ArtifactRuntime, Path, dict[str, Any]]:
+    """Open an artifact directory (or a file inside one) with the runtime its target needs."""
+    directory, manifest = read_manifest(artifact)
+    target = manifest.get("target")
+    if target == "executorch":
+        pte = directory / "model.pte"
+        ptd = next(iter(sorted(directory.glob("*.ptd"))), None)
+        if not pte.is_file():
+            raise MlexportError(f"{directory} has no model.pte; re-export it")
+        return ExecuTorchRuntime(pte, ptd), directory, manifest
+    raise MlexportError(f"{directory}: target {target!r} has no runtime in this version of mlexport")
