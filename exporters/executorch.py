@@ -18,6 +18,8 @@ from mlexport.model import Decoder
 from mlexport.spec import ModelSpec
 
 PTE_NAME = "model.pte"
+PTD_TAG = "model"  # external constants go to model.ptd
+TIED_PREFIXES = ("p_embed_tokens", "p_lm_head", "embed_tokens", "lm_head")
 
 
 def runner_metadata(spec: ModelSpec, max_context: int) -> dict[str, Any]:
@@ -38,18 +40,27 @@ def runner_metadata(spec: ModelSpec, max_context: int) -> dict[str, Any]:
     return meta
 
 
-def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None) -> dict[str, Any]:
+def _tied_tag(node: torch.fx.Node) -> str | None:
+    """External-data tag for the tied embedding/lm_head constants, so model.ptd stores equal bytes once."""
+    name = str(node.target) if node.op == "get_attr" else node.name
+    return PTD_TAG if name.startswith(TIED_PREFIXES) else None
+
+
+def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, share_tied: bool = False) -> dict[str, Any]:
     """Export, lower and serialize ``model`` (already quantized) into ``out_dir/model.pte``.
+
+    With ``share_tied`` the tied embedding and lm_head constants move to ``model.ptd``: XNNPACK keys its weights
+    by SHA-256, so the head's int8 table and the embedding's identical table are written once there, while inside
+    a single ``.pte`` they would be stored twice (REFERENCE §3).
 
     Returns a report: delegate count and the ops left outside XNNPACK, which the manifest records.
     """
+    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed out variants)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torch.export import Dim, export
-
-    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed out variants)
 
     logging.getLogger("executorch").setLevel(logging.ERROR)
     max_context = model.max_context
@@ -58,7 +69,16 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None) -> d
     dynamic = ({1: Dim("tokens", min=1, max=max_context - 1)}, None)
     _say(status, "torch.export (dynamic token dimension)")
     with log.stage("torch_export"), torch.no_grad():
+        # Unwrap torchao's tensor subclasses into plain constants ourselves: the tags below must sit on the
+        # placeholders that reach the XNNPACK serializer, and lowering's own unwrapping drops node metadata.
+        from torchao.utils import unwrap_tensor_subclass
+
+        unwrap_tensor_subclass(model)
         program = export(model, (tokens, input_pos), dynamic_shapes=dynamic, strict=False)
+        if share_tied:
+            for node in program.graph.nodes:
+                if node.op == "placeholder" and _tied_tag(node):
+                    node.meta.setdefault("custom", {})["delegate_constant_tag"] = PTD_TAG
     _say(status, "lowering to XNNPACK (the long step: ~15 s per layer on 2 cores)")
     with log.stage("lower_xnnpack"):
         edge = to_edge_transform_and_lower(
@@ -76,9 +96,12 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None) -> d
                 # Plan activation memory for the largest token count, not the export sample's two tokens.
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                external_constants=_tied_tag if share_tied else False,
             )
         )
         write_bytes_atomic(out_dir / PTE_NAME, et_program.buffer)
+        if share_tied:
+            et_program.write_tensor_data_to_file(str(out_dir))
     return delegation_report(et_program.exported_program().graph)
 
 

@@ -51,17 +51,22 @@ def export(
     model: str = typer.Option("demo", "--model", "-m", help="demo | DIR (HF config+weights) | FILE.gguf | HUB_ID"),
     target: str = typer.Option("executorch", "--target", "-t", help="executorch | coreml | onnx | all"),
     quant: str = typer.Option("4bit", "--quant", "-q", help="4bit | 8bit | fp16 | fp32"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]"),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]"
+    ),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output directory"),
     max_context: int = typer.Option(2048, "--max-context", help="KV cache length (tokens); capped by the model's"),
     group_size: int = typer.Option(32, "--group-size", help="4-bit weight group size"),
+    tie_mode: str = typer.Option(
+        "shared8", "--tie-mode", help="tied embedding: shared8 (one int8 table, stored once) | dup4 (4-bit, twice)"
+    ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from mlexport.pipeline import ExportOptions, run_export, validate_options
 
-    opts = ExportOptions(model, target, quant, output, force, max_context, group_size)
+    opts = ExportOptions(model, target, quant, output, force, max_context, group_size, tie_mode)
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()
     started = time.perf_counter()

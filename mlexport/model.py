@@ -31,10 +31,8 @@ class RMSNorm(nn.Module):
         # partitions, which slows lowering and inference alike. Hence the 4-D view with -1 for the token dim.
         dtype = x.dtype
         x = x.float()
-        if x.dim() == 3:  # [B, T, D]
-            x4 = x.reshape(x.shape[0], -1, 1, x.shape[-1])
-        else:  # [B, T, H, D] (QK-norm)
-            x4 = x.reshape(-1, x.shape[-2], 1, x.shape[-1])
+        # [B, T, D] -> [B, T, 1, D]; QK-norm's [B, T, H, D] -> [B*T, H, 1, D]
+        x4 = x.reshape(x.shape[0], -1, 1, x.shape[-1]) if x.dim() == 3 else x.reshape(-1, x.shape[-2], 1, x.shape[-1])
         ms = x4.pow(2).mean(dim=(-1, -2), keepdim=True)
         x4 = x4 * torch.rsqrt(ms + self.eps)
         x = x4.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() == 3 else x4.reshape(x.shape[0], -1, *x.shape[2:])

@@ -13,8 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlexport.artifacts import MANIFEST, MANIFEST_VERSION, StageLog, atomic_output_dir, describe_files, tool_versions
-from mlexport.artifacts import write_json_atomic
+from mlexport.artifacts import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    StageLog,
+    atomic_output_dir,
+    describe_files,
+    tool_versions,
+    write_json_atomic,
+)
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
 from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, plan_quantization
@@ -36,6 +43,7 @@ class ExportOptions:
     force: bool = False
     max_context: int = DEFAULT_MAX_CONTEXT
     group_size: int = DEFAULT_GROUP_SIZE
+    tie_mode: str = "shared8"
 
 
 def model_label(source: str) -> str:
@@ -60,6 +68,10 @@ def validate_options(opts: ExportOptions) -> list[str]:
             planned = {"onnx": "issue #4", "coreml": "issue #5"}
             hint = f" (not built yet: {planned[t]})" if t in planned else ""
             raise MlexportError(f"unknown or unavailable --target {t!r}{hint}; available: {', '.join(TARGETS)}")
+    from mlexport.quantize import TIE_MODES
+
+    if opts.tie_mode not in TIE_MODES:
+        raise MlexportError(f"unknown --tie-mode {opts.tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     if opts.max_context < 16:
         raise MlexportError("--max-context must be at least 16")
     if opts.out is not None and len(targets) > 1:
@@ -95,11 +107,12 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             from mlexport.quantize.torchao_map import apply_plan
 
             model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend="executorch")
-            plan = plan_quantization(model, opts.quant, opts.group_size)
+            plan = plan_quantization(model, opts.quant, opts.group_size, opts.tie_mode)
             say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
             with log.stage("quantize"):
                 apply_plan(model, plan)
-            report = export_pte(model, tmp, log, say)
+            share_tied = spec.tie_embeddings and plan.tie_mode != "dup4"
+            report = export_pte(model, tmp, log, say, share_tied=share_tied)
         else:  # guarded by validate_options
             raise MlexportError(f"target {target!r} is not available")
         warnings = [*plan.notes, *_tie_warnings(spec, plan)]
@@ -132,7 +145,7 @@ def _plan_text(summary: dict[str, int]) -> str:
 
 def _tie_warnings(spec: Any, plan: Any) -> list[str]:
     """A tied matrix quantized two ways is stored twice; say so rather than hide it."""
-    if not spec.tie_embeddings or plan.preset in ("fp32", "fp16"):
+    if not spec.tie_embeddings or plan.tie_mode != "dup4":
         return []
     emb, head = plan.tensors.get("embed_tokens.weight"), plan.tensors.get("lm_head.weight")
     if emb and head and (emb.scheme, emb.group_size) != (head.scheme, head.group_size):

@@ -181,7 +181,9 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
         scaling = None
     if arch == "mobilellm":
         tie = bool(cfg.get("share_embedding", True))
-        layer_map = [b for b in range(n_blocks) for _ in range(2)] if cfg.get("layer_sharing") else list(range(n_blocks))
+        layer_map = (
+            [b for b in range(n_blocks) for _ in range(2)] if cfg.get("layer_sharing") else list(range(n_blocks))
+        )
     else:
         tie = bool(cfg.get("tie_word_embeddings", False))
         layer_map = list(range(n_blocks))
@@ -332,7 +334,9 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:
-        raise MlexportError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it") from None
+        raise MlexportError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it"
+        ) from None
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
         raise MlexportError(f"unsupported GGUF architecture {arch!r}; supported: " + ", ".join(SUPPORTED_ARCHS))

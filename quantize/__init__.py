@@ -16,6 +16,9 @@ from mlexport.errors import MlexportError
 
 PRESETS = ("4bit", "8bit", "fp16", "fp32")
 DEFAULT_GROUP_SIZE = 32
+# How a tied embedding/lm_head is quantized: "shared8" = one int8 per-row table that both the lookup and an 8-bit
+# head read (stored once); "dup4" = a 4-bit table plus a separate 4-bit head (stored twice, smaller per copy).
+TIE_MODES = ("shared8", "dup4")
 
 
 @dataclass
@@ -26,12 +29,14 @@ class TensorQuant:
     bits: int
     group_size: int | None = None
     note: str | None = None
+    shares: str | None = None  # this use reads another tensor's quantized bytes (quantized once, stored once)
 
 
 @dataclass
 class QuantPlan:
     preset: str
     dtype: str  # activation / float weight dtype: "fp32" or "fp16"
+    tie_mode: str | None = None
     tensors: dict[str, TensorQuant] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -39,6 +44,7 @@ class QuantPlan:
         return {
             "preset": self.preset,
             "dtype": self.dtype,
+            "tie_mode": self.tie_mode,
             "notes": self.notes,
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
@@ -61,7 +67,9 @@ def valid_group_size(in_features: int, requested: int) -> int | None:
     return None
 
 
-def plan_quantization(model: nn.Module, preset: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
+def plan_quantization(
+    model: nn.Module, preset: str, group_size: int = DEFAULT_GROUP_SIZE, tie_mode: str = "shared8"
+) -> QuantPlan:
     """Decide the scheme of every Linear and Embedding weight in ``model`` for a preset.
 
     A group size that does not divide a Linear's ``in_features`` is lowered to the largest valid one and the
@@ -69,7 +77,11 @@ def plan_quantization(model: nn.Module, preset: str, group_size: int = DEFAULT_G
     """
     if preset not in PRESETS:
         raise MlexportError(f"unknown --quant {preset!r}; choose one of {', '.join(PRESETS)}")
+    if tie_mode not in TIE_MODES:
+        raise MlexportError(f"unknown --tie-mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     plan = QuantPlan(preset=preset, dtype="fp16" if preset == "fp16" else "fp32")
+    embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    tied = embed is not None and head is not None and head.weight is embed.weight
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear | nn.Embedding):
             continue
@@ -77,8 +89,16 @@ def plan_quantization(model: nn.Module, preset: str, group_size: int = DEFAULT_G
         if preset in ("fp32", "fp16"):
             plan.tensors[key] = TensorQuant(scheme=preset, bits=32 if preset == "fp32" else 16)
             continue
+        if tied and module is head and (preset == "8bit" or tie_mode == "shared8"):
+            plan.tie_mode = "shared8"
+            plan.tensors[key] = TensorQuant(scheme="int8_dynact", bits=8, shares="embed_tokens.weight")
+            continue
         if isinstance(module, nn.Embedding):
-            plan.tensors[key] = TensorQuant(scheme="int8_weight", bits=8, group_size=None)
+            if tied and preset == "4bit" and tie_mode == "dup4":
+                plan.tie_mode = "dup4"
+                plan.tensors[key] = TensorQuant(scheme="int4_weight", bits=4, group_size=group_size)
+            else:
+                plan.tensors[key] = TensorQuant(scheme="int8_weight", bits=8, group_size=None)
             continue
         if preset == "8bit":
             plan.tensors[key] = TensorQuant(scheme="int8_dynact", bits=8, group_size=None)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from mlexport.quantize import QuantPlan, TensorQuant
 from torch import nn
 
 from mlexport.errors import MlexportError
-from mlexport.quantize import QuantPlan, TensorQuant
 
 
 def _config(q: TensorQuant):  # noqa: ANN202  (torchao config classes)
@@ -39,7 +39,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
         model.half()
     by_config: dict[tuple, list[str]] = {}
     for name, q in plan.tensors.items():
-        if q.scheme in ("fp32", "fp16"):
+        if q.scheme in ("fp32", "fp16") or q.shares:
             continue
         by_config.setdefault((q.scheme, q.group_size), []).append(name.removesuffix(".weight"))
     modules = dict(model.named_modules())
@@ -51,6 +51,9 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
             filter_fn=lambda mod, fqn, wanted=wanted: fqn in wanted,
         )
     modules = dict(model.named_modules())
+    for name, q in plan.tensors.items():
+        if q.shares:
+            _share_quantized(modules[name.removesuffix(".weight")], modules[q.shares.removesuffix(".weight")], q)
     left = [
         name
         for name, q in plan.tensors.items()
@@ -59,3 +62,29 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     if left:
         raise MlexportError(f"{len(left)} tensors stayed float although the plan quantizes them: {left[:4]}")
     return model
+
+
+def _share_quantized(user: nn.Module, owner: nn.Module, q: TensorQuant) -> None:
+    """Point ``user`` at ``owner``'s quantized bytes and scales (the same tensors, not a copy).
+
+    For a tied lm_head this is 8da8w over the embedding's int8 per-row table: per-row symmetric int8 is exactly
+    per-output-channel int8 for the head, so both uses read one table.
+    """
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    src = owner.weight.data if isinstance(owner.weight, nn.Parameter) else owner.weight
+    if not isinstance(src, IntxUnpackedToInt8Tensor) or q.scheme != "int8_dynact":
+        raise MlexportError(f"cannot share {type(src).__name__} as {q.scheme}; use --tie-mode dup4")
+    shared = IntxUnpackedToInt8Tensor(
+        src.qdata,
+        src.scale,
+        src.zero_point,
+        src.target_dtype,
+        src.block_size,
+        src.dtype,
+        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    user.weight = nn.Parameter(shared, requires_grad=False)

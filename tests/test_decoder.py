@@ -95,8 +95,9 @@ def test_per_layer_widths_match_per_layer_transformers_blocks(tmp_path: Path) ->
     base = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
     layers = []
     for i in range(2):
-        layer_cfg = LlamaConfig(**{**base, "num_attention_heads": heads[i], "num_key_value_heads": kv[i],
-                                   "intermediate_size": ffn[i]})
+        layer_cfg = LlamaConfig(
+            **{**base, "num_attention_heads": heads[i], "num_key_value_heads": kv[i], "intermediate_size": ffn[i]}
+        )
         layer = LlamaDecoderLayer(layer_cfg, layer_idx=i).eval()
         with torch.no_grad():
             for n, p in layer.named_parameters():
@@ -118,7 +119,9 @@ def test_per_layer_widths_match_per_layer_transformers_blocks(tmp_path: Path) ->
     loaded = load_model(str(directory))
     assert loaded.spec.n_heads == heads and loaded.spec.ffn_dim == ffn
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
-    rope = LlamaRotaryEmbedding(LlamaConfig(**{**base, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}))
+    rope = LlamaRotaryEmbedding(
+        LlamaConfig(**{**base, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128})
+    )
 
     def reference(tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
@@ -140,8 +143,15 @@ def test_param_count_matches_published_mobilellm_125m() -> None:
     from mlexport.spec import ModelSpec
 
     spec = ModelSpec(
-        name="MobileLLM-125M", arch="mobilellm", vocab_size=32000, dim=576, head_dim=64, n_heads=[9] * 30,
-        n_kv_heads=[3] * 30, ffn_dim=[1536] * 30, layer_map=list(range(30)),
+        name="MobileLLM-125M",
+        arch="mobilellm",
+        vocab_size=32000,
+        dim=576,
+        head_dim=64,
+        n_heads=[9] * 30,
+        n_kv_heads=[3] * 30,
+        ffn_dim=[1536] * 30,
+        layer_map=list(range(30)),
     )
     assert spec.param_count() == 124_635_456
 

@@ -27,10 +27,9 @@ class ExecuTorchRuntime:
     """A ``.pte`` through ExecuTorch's Python runtime (the same C++ kernels and XNNPACK delegate as on device)."""
 
     def __init__(self, pte: Path, data_path: Path | None = None) -> None:
-        import torch
-
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::update_cache, custom_sdpa)
         import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed kernels)
+        import torch
         from executorch.runtime import Runtime
 
         self._torch = torch
