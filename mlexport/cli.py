@@ -145,16 +145,23 @@ def inspect(
     path = Path(target)
     info = _inspect_artifact(path) if (path / "manifest.json").is_file() or path.name == "manifest.json" else None
     if info is None:
+        from mlexport.model import build_decoder
+        from mlexport.quantize import PRESETS, plan_quantization
+        from mlexport.sharing import build_sharing_plan, predicted_bytes
         from mlexport.sources import load_model
 
         loaded = load_model(target)
         spec = loaded.spec
+        model = build_decoder(spec, loaded.state_dict, max_context=16)
+        sharing = build_sharing_plan(model, spec.layer_map)
         info = {
             "kind": "model",
-            "source": loaded.source,
+            "source": {k: v for k, v in loaded.source.items() if k != "gguf_types"},
             "spec": spec.to_dict(),
             "params_unique": spec.param_count(unique=True),
             "params_executed": spec.param_count(unique=False),
+            "sharing": [f"{g.reason}: {g.stored} <- {', '.join(g.uses)}" for g in sharing.groups],
+            "bytes_per_preset": {p: predicted_bytes(model, plan_quantization(model, p))["total"] for p in PRESETS},
         }
     if as_json:
         out.print_json(json.dumps(info, default=str))
@@ -178,6 +185,8 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "quant_plan": manifest["quant_plan"]["tensors"] and _summarize_plan(manifest["quant_plan"]),
         "warnings": manifest.get("warnings", []),
         "delegation": manifest.get("delegation"),
+        "tie": manifest.get("sharing", {}).get("tie"),
+        "accounting": manifest.get("accounting"),
     }
 
 

@@ -25,6 +25,7 @@ from mlexport.artifacts import (
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
 from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, plan_quantization
+from mlexport.sharing import account, build_sharing_plan, predicted_bytes, tensor_bytes
 from mlexport.sources import LoadedModel, load_model
 
 TARGETS = ("executorch",)  # the ONNX and Core ML exporters land with their own issues
@@ -107,7 +108,9 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             from mlexport.quantize.torchao_map import apply_plan
 
             model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend="executorch")
+            sharing = build_sharing_plan(model, spec.layer_map)
             plan = plan_quantization(model, opts.quant, opts.group_size, opts.tie_mode)
+            predicted = predicted_bytes(model, plan)
             say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
             with log.stage("quantize"):
                 apply_plan(model, plan)
@@ -118,6 +121,12 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         warnings = [*plan.notes, *_tie_warnings(spec, plan)]
         if report.get("unexpected_fallback_ops"):
             warnings.append(f"ops left outside XNNPACK (run on portable kernels): {report['unexpected_fallback_ops']}")
+        accounting = account(describe_files(tmp), predicted["total"], (".pte", ".ptd"))
+        if not accounting["within_slack"]:
+            warnings.append(
+                f"artifact stores {accounting['excess_bytes'] / 1e6:.1f} MB more than the plan's unique bytes "
+                f"(ratio {accounting['ratio']}): some weight is duplicated"
+            )
         copy_tokenizer(loaded, tmp)
         manifest: dict[str, Any] = {
             "manifest_version": MANIFEST_VERSION,
@@ -127,6 +136,8 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             "model": {"source": opts.model, **loaded.source, "spec": spec.to_dict()},
             "max_context": max_context,
             "quant_plan": plan.to_dict(),
+            "sharing": {**sharing.to_dict(), "tie": _tie_report(spec, plan, model)},
+            "accounting": accounting,
             "delegation": report,
             "warnings": warnings,
             "files": describe_files(tmp),
@@ -154,6 +165,16 @@ def _tie_warnings(spec: Any, plan: Any) -> list[str]:
             f"/g{head.group_size} ({spec.vocab_size}x{spec.dim} duplicated)"
         ]
     return []
+
+
+def _tie_report(spec: Any, plan: Any, model: Any) -> dict[str, Any]:
+    if not spec.tie_embeddings:
+        return {"tied": False}
+    duplicated = 0
+    if plan.tie_mode == "dup4":
+        q = plan.tensors["embed_tokens.weight"]
+        duplicated = tensor_bytes(spec.vocab_size * spec.dim, spec.vocab_size, q.scheme, q.group_size)
+    return {"tied": True, "mode": plan.tie_mode, "duplicated_bytes": duplicated}
 
 
 def copy_tokenizer(loaded: LoadedModel, out: Path) -> None:

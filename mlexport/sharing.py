@@ -1,0 +1,132 @@
+"""Sharing analysis: which logical uses read one stored tensor, and what the artifact should therefore weigh.
+
+The plan covers tied embeddings (same Parameter, or equal bytes in a checkpoint that stores both), MobileLLM-LS
+block repeats (from the layer map), and any other parameters with identical storage or bytes in any nn.Module.
+Exporters are held to it by ``account``: an artifact must not weigh more than the unique bytes predicted here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlexport.quantize import QuantPlan
+
+ACCOUNTING_SLACK = 1.03  # headroom for alignment and scale layouts
+PROGRAM_OVERHEAD = 64 * 1024  # the program itself: graph, instructions, delegate headers (~30 KB measured)
+
+
+@dataclass
+class ShareGroup:
+    stored: str  # the one tensor (or block) that is stored
+    uses: list[str]  # every logical use that reads it
+    reason: str  # "same-parameter" | "equal-bytes" | "layer-sharing"
+    numel: int  # elements stored once
+
+
+@dataclass
+class SharingPlan:
+    groups: list[ShareGroup] = field(default_factory=list)
+    unique_params: int = 0
+    naive_params: int = 0  # parameters as executed, each use counted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unique_params": self.unique_params,
+            "naive_params": self.naive_params,
+            "groups": [asdict(g) for g in self.groups],
+        }
+
+
+def _digest(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().cpu()
+    return hashlib.sha256(
+        f"{data.dtype}{tuple(data.shape)}".encode() + data.view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
+def build_sharing_plan(model: nn.Module, layer_map: list[int] | None = None) -> SharingPlan:
+    """Group the parameters of ``model`` by identity, then by bytes; add executed-layer repeats from layer_map."""
+    plan = SharingPlan()
+    by_id: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    by_bytes: dict[str, list[int]] = {}
+    for pid, p in params.items():
+        by_bytes.setdefault(_digest(p), []).append(pid)
+    for pids in by_bytes.values():
+        names = [n for pid in pids for n in by_id[pid]]
+        numel = params[pids[0]].numel()
+        if len(pids) > 1:
+            plan.groups.append(ShareGroup(names[0], names, "equal-bytes", numel))
+        elif len(names) > 1:
+            plan.groups.append(ShareGroup(names[0], names, "same-parameter", numel))
+        plan.unique_params += numel
+    plan.naive_params = sum(params[pid].numel() * len(names) for pid, names in by_id.items())
+    if layer_map:
+        for block in sorted(set(layer_map)):
+            runs = [i for i, b in enumerate(layer_map) if b == block]
+            if len(runs) > 1:
+                prefix = f"layers.{block}."
+                numel = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+                uses = [f"executed layer {i}" for i in runs]
+                plan.groups.append(ShareGroup(f"layers.{block}", uses, "layer-sharing", numel))
+                plan.naive_params += numel * (len(runs) - 1)
+    return plan
+
+
+def tensor_bytes(numel: int, rows: int, scheme: str, group_size: int | None) -> int:
+    """Bytes one stored tensor takes under a scheme, as the runtimes store it (bf16 scales for XNNPACK int4)."""
+    if scheme == "fp32":
+        return 4 * numel
+    if scheme == "fp16":
+        return 2 * numel
+    if scheme in ("int4_dynact", "int4_weight"):
+        groups = numel // group_size if group_size else rows
+        return numel // 2 + 2 * groups
+    if scheme in ("int8_dynact", "int8_weight"):
+        groups = numel // group_size if group_size else rows
+        return numel + 4 * groups
+    raise ValueError(f"unknown scheme {scheme}")
+
+
+def predicted_bytes(model: nn.Module, plan: QuantPlan) -> dict[str, int]:
+    """Unique bytes the plan implies: planned tensors once each (shared uses free), plus float leftovers."""
+    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    planned = 0
+    for name, q in plan.tensors.items():
+        if q.shares:
+            continue
+        shape = shapes[name]
+        planned += tensor_bytes(int(torch.Size(shape).numel()), int(shape[0]), q.scheme, q.group_size)
+    float_bytes = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in plan.tensors or id(p) in seen:
+            continue
+        seen.add(id(p))
+        float_bytes += p.numel() * (2 if plan.dtype == "fp16" else 4)
+    for name, b in model.named_buffers():  # constant tables (RoPE); KV caches are planned memory, not stored
+        if not name.startswith("caches."):
+            float_bytes += b.numel() * b.element_size()
+    return {"quantized": planned, "float": float_bytes, "total": planned + float_bytes}
+
+
+def account(files: list[dict[str, Any]], predicted_total: int, weight_suffixes: tuple[str, ...]) -> dict[str, Any]:
+    """Compare what an artifact stores with what the plan predicts; over the slack means duplicated bytes."""
+    stored = sum(f["bytes"] for f in files if f["path"].endswith(weight_suffixes))
+    excess = max(0, stored - PROGRAM_OVERHEAD - predicted_total)
+    ratio = stored / predicted_total if predicted_total else 0.0
+    return {
+        "stored_bytes": stored,
+        "predicted_unique_bytes": predicted_total,
+        "ratio": round(ratio, 4),
+        "within_slack": stored <= ACCOUNTING_SLACK * predicted_total + PROGRAM_OVERHEAD,
+        "excess_bytes": excess,
+    }

@@ -1,0 +1,110 @@
+"""Sharing plans on tied, LS, LS+tied, untied-but-equal and per-layer-width models; store-once accounting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tiny import llama_config, save_hf_dir
+
+from mlexport.model import build_decoder
+from mlexport.pipeline import ExportOptions, run_export
+from mlexport.sharing import build_sharing_plan
+from mlexport.sources import load_model
+
+
+def _plan(tmp_path: Path, cfg: dict, name: str):  # noqa: ANN202
+    save_hf_dir(tmp_path / name, cfg)
+    loaded = load_model(str(tmp_path / name))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=16)
+    return loaded.spec, build_sharing_plan(model, loaded.spec.layer_map)
+
+
+def _ls_config(**kw) -> dict:  # noqa: ANN003
+    cfg = llama_config(architectures=["MobileLLMForCausalLM"], model_type="mobilellm", **kw)
+    cfg.pop("tie_word_embeddings")
+    return cfg
+
+
+def test_tied_plan(tmp_path: Path) -> None:
+    spec, plan = _plan(tmp_path, llama_config(), "tied")
+    assert [g.reason for g in plan.groups] == ["same-parameter"]
+    assert set(plan.groups[0].uses) == {"embed_tokens.weight", "lm_head.weight"}
+    assert plan.unique_params == spec.param_count(unique=True)
+
+
+def test_ls_plan(tmp_path: Path) -> None:
+    spec, plan = _plan(tmp_path, _ls_config(share_embedding=False, layer_sharing=True), "ls")
+    assert [g.reason for g in plan.groups] == ["layer-sharing", "layer-sharing"]
+    assert plan.groups[0].uses == ["executed layer 0", "executed layer 1"]
+    assert plan.naive_params == spec.param_count(unique=False)
+
+
+def test_ls_tied_plan(tmp_path: Path) -> None:
+    spec, plan = _plan(tmp_path, _ls_config(share_embedding=True, layer_sharing=True), "lstied")
+    assert sorted(g.reason for g in plan.groups) == ["layer-sharing", "layer-sharing", "same-parameter"]
+    assert plan.unique_params == spec.param_count(unique=True)
+    assert plan.naive_params == spec.param_count(unique=False)
+
+
+def test_untied_but_equal_and_arbitrary_module() -> None:
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8, bias=False)
+            self.b = torch.nn.Linear(8, 8, bias=False)
+            self.c = torch.nn.Linear(8, 8, bias=False)
+            with torch.no_grad():
+                self.b.weight.copy_(self.a.weight)
+
+    plan = build_sharing_plan(Odd())
+    assert len(plan.groups) == 1 and plan.groups[0].reason == "equal-bytes"
+    assert set(plan.groups[0].uses) == {"a.weight", "b.weight"}
+    assert plan.unique_params == 128
+
+
+def test_per_layer_width_plan(tmp_path: Path) -> None:
+    cfg = llama_config(num_attention_heads=[4, 2], num_key_value_heads=[2, 1], intermediate_size=[128, 96])
+    from safetensors.torch import save_file
+
+    from mlexport.model import Decoder
+    from mlexport.spec import ModelSpec
+
+    spec = ModelSpec(
+        name="p",
+        arch="llama",
+        vocab_size=cfg["vocab_size"],
+        dim=64,
+        head_dim=16,
+        n_heads=[4, 2],
+        n_kv_heads=[2, 1],
+        ffn_dim=[128, 96],
+        layer_map=[0, 1],
+    )
+    torch.manual_seed(0)
+    sd = {k: torch.randn_like(v) for k, v in Decoder(spec, max_context=8).state_dict().items() if k != "lm_head.weight"}
+    (tmp_path / "p").mkdir()
+    save_file({f"model.{k}": v for k, v in sd.items()}, str(tmp_path / "p" / "model.safetensors"))
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(str(tmp_path / "p"))
+    plan = build_sharing_plan(build_decoder(loaded.spec, loaded.state_dict, max_context=8), loaded.spec.layer_map)
+    assert plan.unique_params == loaded.spec.param_count(unique=True)
+
+
+def test_ls_artifact_stores_blocks_once(tmp_path: Path) -> None:
+    """XNNPACK's SHA-256 named data: an LS model (each block run twice) weighs what its stored blocks weigh."""
+    big = dict(hidden_size=256, intermediate_size=1024, head_dim=64)
+    sizes = {}
+    for sharing in (True, False):
+        save_hf_dir(tmp_path / f"m{sharing}", _ls_config(share_embedding=True, layer_sharing=sharing, **big))
+        out = run_export(
+            ExportOptions(
+                model=str(tmp_path / f"m{sharing}"), quant="4bit", out=tmp_path / f"o{sharing}", max_context=32
+            )
+        )[0]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["accounting"]["within_slack"], manifest["accounting"]
+        assert manifest["sharing"]["tie"] == {"tied": True, "mode": "shared8", "duplicated_bytes": 0}
+        sizes[sharing] = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model."))
+    assert sizes[True] <= 1.03 * sizes[False], sizes
