@@ -135,6 +135,66 @@ def run(
     )
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mlexport validate out/demo-executorch-4bit --reference demo\n\n"
+        '  mlexport validate out/demo-* --reference demo --gate "kld_mean<=0.05,same_top1>=0.9,export.max_abs<=0.5"\n\n'
+        "  mlexport validate out/demo-executorch-4bit --reference demo --baseline last-release/report.json"
+    )
+)
+def validate(
+    artifacts: list[Path] = typer.Argument(..., help="artifact directories written by export"),
+    reference: str = typer.Option(..., "--reference", "-r", help="the model they were exported from"),
+    output: Path = typer.Option(Path("out/report"), "-o", "--output", help="report directory"),
+    gate: str | None = typer.Option(None, "--gate", help='e.g. "kld_mean<=0.05,same_top1>=0.9"'),
+    config: Path | None = typer.Option(None, "-c", "--config", help="TOML file with a [gates] table"),
+    corpus: Path | None = typer.Option(None, "--corpus", help="plain-text corpus [default: Python stdlib docs]"),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="scored tokens (bounds the cost)"),
+    window: int = typer.Option(256, "--window", help="tokens per teacher-forced window"),
+    baseline: Path | None = typer.Option(None, "--baseline", help="older report.json to compare and gate against"),
+) -> None:
+    """Compare artifacts with the PyTorch reference token by token; write report.{json,md,html}; gate."""
+    from mlexport.validate.report import parse_gates
+
+    table = None
+    if config is not None:
+        import tomllib
+
+        try:
+            table = tomllib.loads(config.read_text()).get("gates")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise MlexportError(f"cannot read gates from {config} ({exc}); fix the TOML") from None
+    gates = parse_gates(gate, table)
+    _quiet_libraries()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mlexport.validate.pipeline import run_validation
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def say(text: str) -> None:
+            bar.update(task, description=text, completed=0, total=None)
+
+        def advance(n: int) -> None:
+            bar.update(task, advance=n, total=max_tokens)
+
+        result, failures = run_validation(
+            artifacts, reference, output, corpus, max_tokens, window, gates, baseline, say, advance
+        )
+    from mlexport.validate.report import render_markdown
+
+    sys.stdout.write(render_markdown(result))  # plain text: it goes to PR comments and $GITHUB_STEP_SUMMARY
+    console.print(f"[green]reports:[/] {output}/report.json, report.md, report.html")
+    if failures:
+        for failure in failures:
+            console.print(f"[bold red]gate failed:[/] {failure}", highlight=False)
+        raise typer.Exit(1)
+
+
 @app.command()
 def inspect(
     target: str = typer.Argument(..., help="a model (demo | DIR | FILE.gguf | HUB_ID) or an artifact directory"),
@@ -223,7 +283,9 @@ def _short(value: Any) -> str:
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MlexportError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
