@@ -37,12 +37,12 @@ def runner_speed(pte: Path, tokenizer: Path, ptd: Path | None, rounds: int) -> d
     runner = TextLLMRunner(str(pte), str(tokenizer), str(ptd) if ptd else None)
     decode, prefill = [], []
     for _ in range(rounds + 1):  # the first round warms up
-        stats: list[dict] = []
+        collected: list[dict] = []
         config = GenerationConfig(max_new_tokens=128, temperature=0.0, echo=False)
-        runner.generate(PROMPT, config, lambda _s: None, lambda s: stats.append(json.loads(s.to_json_string())))
+        runner.generate(PROMPT, config, None, lambda s, out=collected: out.append(json.loads(s.to_json_string())))
         runner.reset()
-        decode.append(stats[-1]["decode_token_per_sec"])
-        prefill.append(stats[-1]["prefill_token_per_sec"])
+        decode.append(collected[-1]["decode_token_per_sec"])
+        prefill.append(collected[-1]["prefill_token_per_sec"])
     return {"decode": statistics.median(decode[1:]), "prefill": statistics.median(prefill[1:])}
 
 
