@@ -66,6 +66,12 @@ def test_fp32_pte_matches_eager(which: str, tiny_dir: Path, ls_dir: Path, tmp_pa
     assert diff <= 1e-3, diff
 
 
+def test_fp16_pte_tracks_eager(tiny_dir: Path, tmp_path: Path) -> None:
+    artifact = _export(tiny_dir, tmp_path / "fp16", "fp16")
+    diff = np.abs(_pte_logits(artifact) - _eager_reference(tiny_dir)).max()
+    assert diff <= 1e-2, diff  # fp16 weights and activations against the fp32 reference
+
+
 def test_every_linear_quantized_with_valid_groups() -> None:
     """Widths that 32 does not divide get the largest valid group, recorded; nothing stays fp32 silently."""
     from mlexport.spec import ModelSpec
