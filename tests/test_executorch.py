@@ -10,7 +10,7 @@ import torch
 from mlexport.quantize import plan_quantization
 from mlexport.quantize.torchao_map import apply_plan, is_quantized
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, save_hf_dir
+from tiny import VOCAB, llama_config, random_state_dict, save_hf_dir
 
 from mlexport.generate import generate
 from mlexport.model import build_decoder
@@ -87,8 +87,7 @@ def test_every_linear_quantized_with_valid_groups() -> None:
         ffn_dim=[80, 72],
         layer_map=[0, 1],
     )
-    torch.manual_seed(0)
-    model = build_decoder(spec, {k: torch.randn_like(v) for k, v in _random_sd(spec).items()}, max_context=32)
+    model = build_decoder(spec, random_state_dict(spec), max_context=32)
     plan = plan_quantization(model, "4bit", group_size=32)
     assert plan.tensors["layers.0.mlp.down_proj.weight"].group_size == 16  # 80 = 5 * 16
     assert plan.tensors["layers.1.mlp.down_proj.weight"].group_size is None  # 72: no power-of-two group >= 16
@@ -97,12 +96,6 @@ def test_every_linear_quantized_with_valid_groups() -> None:
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(is_quantized(m.weight) for m in linears)
     assert is_quantized(model.embed_tokens.weight)
-
-
-def _random_sd(spec) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    from mlexport.model import Decoder
-
-    return {k: v for k, v in Decoder(spec, max_context=8).state_dict().items() if k != "lm_head.weight"}
 
 
 def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -> None:

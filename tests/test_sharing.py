@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from tiny import llama_config, save_hf_dir
+from tiny import llama_config, random_state_dict, save_hf_dir
 
 from mlexport.model import build_decoder
 from mlexport.pipeline import ExportOptions, run_export
@@ -68,7 +68,6 @@ def test_per_layer_width_plan(tmp_path: Path) -> None:
     cfg = llama_config(num_attention_heads=[4, 2], num_key_value_heads=[2, 1], intermediate_size=[128, 96])
     from safetensors.torch import save_file
 
-    from mlexport.model import Decoder
     from mlexport.spec import ModelSpec
 
     spec = ModelSpec(
@@ -82,8 +81,7 @@ def test_per_layer_width_plan(tmp_path: Path) -> None:
         ffn_dim=[128, 96],
         layer_map=[0, 1],
     )
-    torch.manual_seed(0)
-    sd = {k: torch.randn_like(v) for k, v in Decoder(spec, max_context=8).state_dict().items() if k != "lm_head.weight"}
+    sd = random_state_dict(spec)
     (tmp_path / "p").mkdir()
     save_file({f"model.{k}": v for k, v in sd.items()}, str(tmp_path / "p" / "model.safetensors"))
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))

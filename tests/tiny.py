@@ -94,3 +94,13 @@ def save_hf_dir(directory: Path, cfg: dict[str, Any], seed: int = 0, fmt: str = 
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     write_tokenizer(directory)
     return model
+
+
+def random_state_dict(spec, seed: int = 0) -> dict[str, torch.Tensor]:  # noqa: ANN001  (ModelSpec)
+    """Random weights in the decoder's own key layout (tied: no lm_head key), for specs transformers cannot build."""
+    from mlexport.model import Decoder
+
+    torch.manual_seed(seed)
+    return {
+        k: torch.randn_like(v) for k, v in Decoder(spec, max_context=8).state_dict().items() if k != "lm_head.weight"
+    }
