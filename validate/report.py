@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import math
 import operator
 import re
 from dataclasses import dataclass
@@ -217,6 +216,3 @@ def render_html(report: dict[str, Any]) -> str:
         f"<table id='summary'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{plots}</body></html>"
     )
 
-
-def finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
