@@ -215,4 +215,3 @@ def render_html(report: dict[str, Any]) -> str:
         f"<p>{corpus['scored_tokens']} scored tokens of {esc(corpus['name'])} (sha256 {corpus['sha256'][:12]}).</p>"
         f"<table id='summary'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{plots}</body></html>"
     )
-
