@@ -60,12 +60,17 @@ class StageLog:
             )
 
 
+def ensure_writable(target: Path, force: bool) -> None:
+    """Refuse to replace a user's file or non-empty directory unless --force."""
+    if target.exists() and not force and (target.is_file() or any(target.iterdir())):
+        raise MlexportError(f"{target} already exists; pass --force to overwrite it or -o to write elsewhere")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: Path, force: bool) -> Iterator[Path]:
     """Yield a temp dir to write into; on success it replaces ``target`` (only with force if that exists)."""
     target = target.resolve()
-    if target.exists() and not force and (target.is_file() or any(target.iterdir())):
-        raise MlexportError(f"{target} already exists; pass --force to overwrite it or -o to write elsewhere")
+    ensure_writable(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

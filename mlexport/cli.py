@@ -234,6 +234,7 @@ def inspect(
 
 def _inspect_artifact(path: Path) -> dict[str, Any]:
     from mlexport.artifacts import read_manifest
+    from mlexport.quantize import QuantPlan
 
     directory, manifest = read_manifest(path)
     return {
@@ -242,20 +243,12 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "quant": manifest["quant"],
         "files": manifest["files"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"]),
-        "quant_plan": manifest["quant_plan"]["tensors"] and _summarize_plan(manifest["quant_plan"]),
+        "quant_plan": QuantPlan.from_dict(manifest["quant_plan"]).summary(),
         "warnings": manifest.get("warnings", []),
         "delegation": manifest.get("delegation"),
         "tie": manifest.get("sharing", {}).get("tie"),
         "accounting": manifest.get("accounting"),
     }
-
-
-def _summarize_plan(plan: dict[str, Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for q in plan["tensors"].values():
-        key = q["scheme"] + (f"/g{q['group_size']}" if q.get("group_size") else "")
-        counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def _flat(info: dict[str, Any]) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from mlexport.artifacts import (
     StageLog,
     atomic_output_dir,
     describe_files,
+    ensure_writable,
     tool_versions,
     write_json_atomic,
 )
@@ -86,8 +87,7 @@ def run_export(opts: ExportOptions, status: Status | None = None) -> list[Path]:
     targets = validate_options(opts)
     outs = [opts.out or default_out_dir(opts, t) for t in targets]
     for out in outs:  # fail before loading anything if we would clobber a user's files
-        if out.exists() and not opts.force and (out.is_file() or any(out.iterdir())):
-            raise MlexportError(f"{out} already exists; pass --force to overwrite it or -o to write elsewhere")
+        ensure_writable(out, opts.force)
     log = StageLog()
     say(f"loading model {opts.model!r}")
     with log.stage("load"):

@@ -49,6 +49,17 @@ class QuantPlan:
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> QuantPlan:
+        """Inverse of to_dict: the plan a manifest recorded."""
+        return cls(
+            preset=raw["preset"],
+            dtype=raw["dtype"],
+            tie_mode=raw.get("tie_mode"),
+            tensors={k: TensorQuant(**v) for k, v in raw["tensors"].items()},
+            notes=raw.get("notes", []),
+        )
+
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for q in self.tensors.values():

@@ -42,7 +42,6 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
         if q.scheme in ("fp32", "fp16") or q.shares:
             continue
         by_config.setdefault((q.scheme, q.group_size), []).append(name.removesuffix(".weight"))
-    modules = dict(model.named_modules())
     for (scheme, group), names in by_config.items():
         wanted = set(names)
         quantize_(

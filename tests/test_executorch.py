@@ -115,6 +115,17 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     assert {s["name"] for s in manifest["stages"]} >= {"load", "quantize", "torch_export", "lower_xnnpack"}
     assert not any("stored twice" in w for w in manifest["warnings"])
 
+    # inspect ARTIFACT --json: the plan summary and the store-once accounting come back from the manifest.
+    import subprocess
+    import sys
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "mlexport.cli", "inspect", str(artifact), "--json"], capture_output=True, text=True
+    )
+    info = json.loads(shown.stdout)
+    assert info["quant_plan"] == {"int4_dynact/g32": 14, "int8_dynact": 1, "int8_weight": 1}
+    assert info["accounting"]["within_slack"] and info["tie"]["mode"] == "shared8"
+
     # The 4-bit artifact still tracks eager fp32 loosely (random tiny weights), through the KV cache.
     ref = _eager_reference(tiny_dir)
     got = _pte_logits(artifact)

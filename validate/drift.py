@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlexport.quantize import QuantPlan, TensorQuant
+from mlexport.quantize import QuantPlan
 from mlexport.validate import stats
 
 from mlexport.errors import MlexportError
@@ -84,17 +84,6 @@ def run_torch(model: torch.nn.Module, windows: Windows, progress: Progress | Non
     return np.concatenate(out).astype(np.float32)
 
 
-def plan_from_manifest(manifest: dict[str, Any]) -> QuantPlan:
-    raw = manifest["quant_plan"]
-    return QuantPlan(
-        preset=raw["preset"],
-        dtype=raw["dtype"],
-        tie_mode=raw.get("tie_mode"),
-        tensors={k: TensorQuant(**v) for k, v in raw["tensors"].items()},
-        notes=raw.get("notes", []),
-    )
-
-
 def fp32_reference(loaded: LoadedModel, max_context: int) -> torch.nn.Module:
     return build_decoder(loaded.spec, loaded.state_dict, max_context=max_context)
 
@@ -103,7 +92,7 @@ def quantized_reference(loaded: LoadedModel, manifest: dict[str, Any], max_conte
     """PyTorch running the artifact's own quantization plan (torchao, eager)."""
     from mlexport.quantize.torchao_map import apply_plan
 
-    plan = plan_from_manifest(manifest)
+    plan = QuantPlan.from_dict(manifest["quant_plan"])
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=max_context)
     if plan.preset == "fp32":
         return model
