@@ -8,6 +8,8 @@ partition between the KV-cache custom ops.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ from mlexport.model import Decoder
 from mlexport.spec import ModelSpec
 
 PTE_NAME = "model.pte"
-PTD_TAG = "model"  # external constants go to model.ptd
+PTD_TAG = "model"
+NON_DELEGATED_LABEL = (
+    "(program constants outside XNNPACK: norms, RoPE tables, unquantized lookups)"  # external constants go to model.ptd
+)
 TIED_PREFIXES = ("p_embed_tokens", "p_lm_head", "embed_tokens", "lm_head")
 
 
@@ -80,7 +85,7 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
                 if node.op == "placeholder" and _tied_tag(node):
                     node.meta.setdefault("custom", {})["delegate_constant_tag"] = PTD_TAG
     _say(status, "lowering to XNNPACK (the long step: ~15 s per layer on 2 cores)")
-    with log.stage("lower_xnnpack"):
+    with log.stage("lower_xnnpack"), record_blob_sources() as blob_sources, skip_idle_xnnpack_passes():
         edge = to_edge_transform_and_lower(
             program,
             partitioner=[XnnpackPartitioner()],
@@ -102,7 +107,132 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
         write_bytes_atomic(out_dir / PTE_NAME, et_program.buffer)
         if share_tied:
             et_program.write_tensor_data_to_file(str(out_dir))
-    return delegation_report(et_program.exported_program().graph)
+    return {**delegation_report(et_program.exported_program().graph), "blob_sources": blob_sources}
+
+
+@contextmanager
+def record_blob_sources() -> Iterator[dict[str, list[str]]]:
+    """Record which parameter each XNNPACK named-data key was serialized from.
+
+    XNNPACK names its constants by SHA-256 of the packed bytes, so a stored blob cannot be traced back to the
+    weights it serves from the file alone. We watch the serializer: while it defines a tensor we know the
+    parameter (its placeholder's FQN), and every named blob added meanwhile belongs to it. ``inspect`` joins this
+    map with the keys actually found in the ``.pte``/``.ptd``, so a stale or missing record shows up as unknown.
+    """
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    sources: dict[str, set[str]] = {}
+    current: list[str | None] = []
+    define_tensor, add_named_data = NodeVisitor.define_tensor, NamedDataStore.add_named_data
+
+    def recording_define_tensor(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> Any:
+        current.append(_placeholder_fqn(self.exported_program, tensor))
+        try:
+            return define_tensor(self, tensor, *args, **kwargs)
+        finally:
+            current.pop()
+
+    def recording_add_named_data(self: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        if current and current[-1]:
+            sources.setdefault(key, set()).add(current[-1])
+        return add_named_data(self, key, *args, **kwargs)
+
+    NodeVisitor.define_tensor = recording_define_tensor
+    NamedDataStore.add_named_data = recording_add_named_data
+    result: dict[str, list[str]] = {}
+    try:
+        yield result
+    finally:
+        NodeVisitor.define_tensor, NamedDataStore.add_named_data = define_tensor, add_named_data
+        result.update({key: sorted(names) for key, names in sources.items()})
+
+
+# XNNPACK passes that only rewrite ops a decoder never has (convolutions, batch norm, pooling, upsampling, PReLU,
+# decomposed SDPA). Each costs ~0.4 s of re-tracing per partition even when it matches nothing. Not
+# ChannelsLastTaggedReshapePass: it also fixes the dim order of plain 4-D ops (our RMSNorm), measured.
+_IDLE_PASS_TRIGGERS = {
+    "ConvertToUpsampleBilinear2d": ("upsample", "index"),
+    "ConvertToSDPAPass": ("softmax",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution",),
+    "PReLUReshapePass": ("prelu",),
+}
+
+
+@contextmanager
+def skip_idle_xnnpack_passes() -> Iterator[None]:
+    """Run XNNPACK's default pass list minus the passes whose trigger ops are absent from the partition.
+
+    The choice is made per partition from the ops it contains, so a graph that does have a convolution still
+    gets every pass. Parity tests (fp32 ``.pte`` == eager) guard this.
+    """
+    import executorch.backends.xnnpack.xnnpack_preprocess as preprocess
+
+    manager = preprocess.XNNPACKPassManager
+
+    class PrunedPassManager(manager):  # type: ignore[misc, valid-type]
+        def __init__(self, exported_program: Any, passes: Any = None) -> None:
+            super().__init__(exported_program, passes)
+            if passes:
+                return
+            ops = " ".join(str(n.target) for n in exported_program.graph.nodes if n.op == "call_function").lower()
+            self.passes = [p for p in self.passes if _pass_needed(p.__name__, ops)]
+
+    preprocess.XNNPACKPassManager = PrunedPassManager
+    try:
+        yield
+    finally:
+        preprocess.XNNPACKPassManager = manager
+
+
+def _pass_needed(name: str, ops: str) -> bool:
+    triggers = _IDLE_PASS_TRIGGERS.get(name)
+    return triggers is None or any(t in ops for t in triggers)
+
+
+def _placeholder_fqn(program: Any, node: torch.fx.Node) -> str | None:
+    """The parameter/buffer FQN a (possibly dequantized) constant node reads, following first inputs."""
+    for _ in range(8):
+        if node.op == "placeholder":
+            sig = program.graph_signature
+            for table in (sig.inputs_to_parameters, sig.inputs_to_buffers, sig.inputs_to_lifted_tensor_constants):
+                if node.name in table:
+                    return table[node.name]
+            return None
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if not inputs:
+            return None
+        node = inputs[0]
+    return None
+
+
+def stored_blobs(artifact: Path) -> list[dict[str, Any]]:
+    """Every blob the artifact stores, read from the files: named data in the .pte and .ptd, and the program's
+    own (non-delegated) constants. Keys sharing one buffer are one blob: that is ExecuTorch's dedup."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    blobs: list[dict[str, Any]] = []
+    pte = deserialize_pte_binary((artifact / PTE_NAME).read_bytes())
+    blobs += _group_keys(pte.named_data.pte_data, pte.named_data.buffers, PTE_NAME)
+    program_constants = sum(len(b.storage) for b in pte.program.constant_buffer)
+    if program_constants:
+        blobs.append({"file": PTE_NAME, "bytes": program_constants, "keys": [], "label": NON_DELEGATED_LABEL})
+    for ptd in sorted(artifact.glob("*.ptd")):
+        data = FlatTensorSerializer().deserialize_to_named_data_store_output(Cord(ptd.read_bytes()), ptd.stem)
+        for entries in data.external_data.values():
+            blobs += _group_keys(entries, data.buffers, ptd.name)
+    return blobs
+
+
+def _group_keys(entries: dict[str, Any], buffers: list[bytes], file: str) -> list[dict[str, Any]]:
+    by_buffer: dict[int, list[str]] = {}
+    for key, entry in entries.items():
+        by_buffer.setdefault(entry.buffer_index, []).append(key)
+    return [{"file": file, "bytes": len(buffers[i]), "keys": sorted(keys)} for i, keys in sorted(by_buffer.items())]
 
 
 # Ops that are expected to stay outside XNNPACK: the KV cache custom ops, the quantized embedding lookup, and the

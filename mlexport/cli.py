@@ -58,7 +58,10 @@ def export(
     max_context: int = typer.Option(2048, "--max-context", help="KV cache length (tokens); capped by the model's"),
     group_size: int = typer.Option(32, "--group-size", help="4-bit weight group size"),
     tie_mode: str = typer.Option(
-        "shared8", "--tie-mode", help="tied embedding: shared8 (one int8 table, stored once) | dup4 (4-bit, twice)"
+        "auto",
+        "--tie-mode",
+        help="tied embedding: shared8 (one int8 table, stored once) | dup4 (4-bit, twice) | auto (measure both "
+        "on the built-in corpus; keep the smaller one that drifts no more than 10% over the best)",
     ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
@@ -227,16 +230,28 @@ def inspect(
         out.print_json(json.dumps(info, default=str))
         return
     table = Table(title=f"{info['kind']}: {target}", show_header=False)
-    for key, value in _flat(info):
+    for key, value in _flat({k: v for k, v in info.items() if k != "blobs"}):
         table.add_row(key, value)
     out.print(table)
+    if info.get("blobs"):
+        out.print(_blob_table(info["blobs"]))
 
 
 def _inspect_artifact(path: Path) -> dict[str, Any]:
     from mlexport.artifacts import read_manifest
+    from mlexport.pipeline import storage_map
     from mlexport.quantize import QuantPlan
+    from mlexport.sharing import SharingPlan, account
 
     directory, manifest = read_manifest(path)
+    spec = manifest["model"]["spec"]
+    sharing = SharingPlan.from_dict(manifest.get("sharing", {}))
+    sources = manifest.get("storage", {}).get("blob_sources", {})
+    storage = storage_map(directory, manifest["target"], sources, sharing, spec.get("layer_map"))
+    predicted = manifest.get("accounting", {}).get("predicted_unique_bytes", 0)
+    blob_accounting = (
+        account([{"path": "blobs", "bytes": storage["stored_bytes"]}], predicted, ("blobs",)) if predicted else None
+    )
     return {
         "kind": "artifact",
         "target": manifest["target"],
@@ -248,7 +263,27 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "delegation": manifest.get("delegation"),
         "tie": manifest.get("sharing", {}).get("tie"),
         "accounting": manifest.get("accounting"),
+        "blob_accounting": blob_accounting,
+        "duplicated_bytes": storage["duplicated_bytes"],
+        "blobs": storage["blobs"],
     }
+
+
+def _blob_table(blobs: list[dict[str, Any]]) -> Table:
+    """One row per stored tensor: a weight's data and scale blobs are folded together for reading."""
+    rows: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+    for blob in blobs:
+        row = rows.setdefault((blob["file"], tuple(blob["serves"])), {"bytes": 0, "blobs": 0, "dup": False})
+        row["bytes"] += blob["bytes"]
+        row["blobs"] += 1
+        row["dup"] |= bool(blob.get("duplicate_of_blob"))
+    table = Table(title="stored blobs and the logical tensors they serve")
+    for column in ("file", "bytes", "blobs", "serves", "duplicated"):
+        table.add_column(column, justify="right" if column in ("bytes", "blobs") else "left")
+    for (file, serves), row in rows.items():
+        flag = "[bold red]yes[/]" if row["dup"] else ""
+        table.add_row(file, f"{row['bytes']:,}", str(row["blobs"]), "\n".join(serves), flag)
+    return table
 
 
 def _flat(info: dict[str, Any]) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ from mlexport.artifacts import (
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
 from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, plan_quantization
-from mlexport.sharing import account, build_sharing_plan, predicted_bytes, tensor_bytes
+from mlexport.sharing import SharingPlan, account, build_sharing_plan, map_blobs, predicted_bytes, tensor_bytes
 from mlexport.sources import LoadedModel, load_model
 
 TARGETS = ("executorch",)  # the ONNX and Core ML exporters land with their own issues
@@ -45,7 +45,7 @@ class ExportOptions:
     force: bool = False
     max_context: int = DEFAULT_MAX_CONTEXT
     group_size: int = DEFAULT_GROUP_SIZE
-    tie_mode: str = "shared8"
+    tie_mode: str = "auto"
 
 
 def model_label(source: str) -> str:
@@ -72,8 +72,8 @@ def validate_options(opts: ExportOptions) -> list[str]:
             raise MlexportError(f"unknown or unavailable --target {t!r}{hint}; available: {', '.join(TARGETS)}")
     from mlexport.quantize import TIE_MODES
 
-    if opts.tie_mode not in TIE_MODES:
-        raise MlexportError(f"unknown --tie-mode {opts.tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
+    if opts.tie_mode not in (*TIE_MODES, "auto"):
+        raise MlexportError(f"unknown --tie-mode {opts.tie_mode!r}; choose one of {', '.join(TIE_MODES)}, auto")
     if opts.max_context < 16:
         raise MlexportError("--max-context must be at least 16")
     if opts.out is not None and len(targets) > 1:
@@ -107,20 +107,26 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             from mlexport.exporters.executorch import export_pte
             from mlexport.quantize.torchao_map import apply_plan
 
+            tie_choice = choose_tie(loaded, opts, say, log)
+            tie_mode = tie_choice["mode"] if tie_choice else ("shared8" if opts.tie_mode == "auto" else opts.tie_mode)
             model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend="executorch")
             sharing = build_sharing_plan(model, spec.layer_map)
-            plan = plan_quantization(model, opts.quant, opts.group_size, opts.tie_mode)
+            plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode)
             predicted = predicted_bytes(model, plan)
             say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
             with log.stage("quantize"):
                 apply_plan(model, plan)
-            share_tied = spec.tie_embeddings and plan.tie_mode != "dup4"
-            report = export_pte(model, tmp, log, say, share_tied=share_tied)
+            # Tied tensors always go to model.ptd: shared8 stores them once there, and dup4's two copies stay
+            # visible to `inspect` under their own names.
+            report = export_pte(model, tmp, log, say, share_tied=spec.tie_embeddings)
+            storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)
         else:  # guarded by validate_options
             raise MlexportError(f"target {target!r} is not available")
         warnings = [*plan.notes, *_tie_warnings(spec, plan)]
         if report.get("unexpected_fallback_ops"):
             warnings.append(f"ops left outside XNNPACK (run on portable kernels): {report['unexpected_fallback_ops']}")
+        if storage["duplicated_bytes"] and not _tie_warnings(spec, plan):
+            warnings.append(f"{storage['duplicated_bytes'] / 1e6:.2f} MB of weights are stored twice (see inspect)")
         accounting = account(describe_files(tmp), predicted["total"], (".pte", ".ptd"))
         if not accounting["within_slack"]:
             warnings.append(
@@ -136,8 +142,9 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             "model": {"source": opts.model, **loaded.source, "spec": spec.to_dict()},
             "max_context": max_context,
             "quant_plan": plan.to_dict(),
-            "sharing": {**sharing.to_dict(), "tie": _tie_report(spec, plan, model)},
+            "sharing": {**sharing.to_dict(), "tie": {**_tie_report(spec, plan, model), "auto": tie_choice}},
             "accounting": accounting,
+            "storage": storage,
             "delegation": report,
             "warnings": warnings,
             "files": describe_files(tmp),
@@ -148,6 +155,38 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     for warning in warnings:
         say(f"warning: {warning}")
     return out
+
+
+def choose_tie(loaded: LoadedModel, opts: ExportOptions, say: Status, log: StageLog) -> dict[str, Any] | None:
+    """Measure the tied-embedding layouts when there is a choice to make (tied model, 4-bit, --tie-mode auto)."""
+    if opts.tie_mode != "auto" or not loaded.spec.tie_embeddings or opts.quant != "4bit":
+        return None
+    from mlexport.quantize.tie_choice import CHOICE_TOKENS, choose_tie_mode, corpus_tokens
+    from mlexport.tokenizer import Tokenizer
+
+    if loaded.tokenizer_dir is None:
+        copy_tokenizer(loaded, Path())  # raises the one-line "no tokenizer" error
+    say(f"--tie-mode auto: scoring shared8 and dup4 on {CHOICE_TOKENS} corpus tokens")
+    with log.stage("tie_choice"):
+        reference = build_decoder(loaded.spec, loaded.state_dict, max_context=CHOICE_TOKENS + 1)
+        choice = choose_tie_mode(reference, corpus_tokens(Tokenizer(loaded.tokenizer_dir)), opts.quant, opts.group_size)
+    scores = ", ".join(
+        f"{c['mode']} KLD {c['kld_mean']:.3f} {c['predicted_bytes'] / 1e6:.1f} MB" for c in choice["candidates"]
+    )
+    say(f"tie mode {choice['mode']} ({scores})")
+    return choice
+
+
+def storage_map(
+    artifact: Path, target: str, blob_sources: dict[str, list[str]], sharing: SharingPlan, layer_map: list[int]
+) -> dict[str, Any]:
+    """What the artifact's files store, blob by blob, and which logical tensors each blob serves."""
+    from mlexport.exporters.executorch import stored_blobs
+
+    if target != "executorch":
+        raise MlexportError(f"no storage reader for target {target!r}")
+    mapped = map_blobs(stored_blobs(artifact), blob_sources, sharing, layer_map)
+    return {"blob_sources": blob_sources, **mapped}
 
 
 def _plan_text(summary: dict[str, int]) -> str:

@@ -8,6 +8,7 @@ Exporters are held to it by ``account``: an artifact must not weigh more than th
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +41,11 @@ class SharingPlan:
             "naive_params": self.naive_params,
             "groups": [asdict(g) for g in self.groups],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SharingPlan:
+        groups = [ShareGroup(**g) for g in data.get("groups", [])]
+        return cls(groups, data.get("unique_params", 0), data.get("naive_params", 0))
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -130,3 +136,55 @@ def account(files: list[dict[str, Any]], predicted_total: int, weight_suffixes: 
         "within_slack": stored <= ACCOUNTING_SLACK * predicted_total + PROGRAM_OVERHEAD,
         "excess_bytes": excess,
     }
+
+
+_PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original(\d+)$")
+_PARTS = {"0": "data", "1": "scale", "2": "zero_point"}
+
+
+def logical_tensor(key: str, source_fqn: str) -> tuple[str, str]:
+    """(logical tensor, part) for a stored key: torchao's unwrapped `x.parametrizations.weight.original1` is
+    `x.weight`'s scale; XNNPACK prefixes scale keys with `scale_`."""
+    match = _PARAMETRIZED.search(source_fqn)
+    name = source_fqn[: match.start()] + "." + match.group(1) if match else source_fqn
+    part = _PARTS.get(match.group(2), "aux") if match else "data"
+    return name, "scale" if key.startswith("scale_") else part
+
+
+def map_blobs(
+    blobs: list[dict[str, Any]], key_sources: dict[str, list[str]], plan: SharingPlan, layer_map: list[int] | None
+) -> dict[str, Any]:
+    """Join an artifact's stored blobs with the logical tensors each serves, and flag duplicated bytes.
+
+    A blob serves the tensors its keys came from (``key_sources``, recorded at export) or that its keys name
+    (FQN keys). Two blobs serving the same source tensor and part, after sharing groups are applied, mean the same
+    weight is stored twice: the second one's bytes are counted as duplicated.
+    """
+    canonical = {use: g.stored for g in plan.groups if g.reason != "layer-sharing" for use in g.uses}
+    runs: dict[int, list[int]] = {}
+    for executed, block in enumerate(layer_map or []):
+        runs.setdefault(block, []).append(executed)
+    rows, seen, duplicated = [], {}, 0
+    for blob in blobs:
+        serves: set[str] = set()
+        parts: set[tuple[str, str]] = set()
+        for key in blob["keys"]:
+            for fqn in key_sources.get(key, [key] if "." in key else []):
+                name, part = logical_tensor(key, fqn)
+                serves.add(name)
+                parts.add((canonical.get(name, name), part))
+        duplicate_of = sorted({seen[p] for p in parts if p in seen})
+        row = {**blob, "serves": [_with_runs(n, runs) for n in sorted(serves)] or [blob.get("label", "(unknown)")]}
+        if duplicate_of:
+            row["duplicate_of_blob"] = duplicate_of
+            duplicated += blob["bytes"]
+        for p in parts:
+            seen.setdefault(p, len(rows))
+        rows.append(row)
+    return {"blobs": rows, "stored_bytes": sum(b["bytes"] for b in blobs), "duplicated_bytes": duplicated}
+
+
+def _with_runs(name: str, runs: dict[int, list[int]]) -> str:
+    match = re.match(r"layers\.(\d+)\.", name)
+    executed = runs.get(int(match.group(1)), []) if match else []
+    return f"{name} (executed layers {', '.join(map(str, executed))})" if len(executed) > 1 else name

@@ -125,6 +125,12 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     info = json.loads(shown.stdout)
     assert info["quant_plan"] == {"int4_dynact/g32": 14, "int8_dynact": 1, "int8_weight": 1}
     assert info["accounting"]["within_slack"] and info["tie"]["mode"] == "shared8"
+    assert [c["mode"] for c in info["tie"]["auto"]["candidates"]] == ["shared8", "dup4"]
+    # The blob map read back from the files: the tie is one blob serving both uses, nothing duplicated.
+    tie_blobs = [b for b in info["blobs"] if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
+    assert tie_blobs and all(b["file"] == "model.ptd" for b in tie_blobs)
+    assert info["duplicated_bytes"] == 0 and info["blob_accounting"]["within_slack"]
+    assert not [b for b in info["blobs"] if b["serves"] == ["(unknown)"]]
 
     # The 4-bit artifact still tracks eager fp32 loosely (random tiny weights), through the KV cache.
     ref = _eager_reference(tiny_dir)
@@ -146,3 +152,21 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     runtime, _, _ = open_runtime(artifact / "model.pte")  # a file inside the artifact is accepted too
     stats = generate(runtime, TOKENS[:5], max_new_tokens=6)
     assert 0 < stats.generated_tokens <= 6 and stats.prefill_tok_s > 0
+
+
+def test_dup4_duplication_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
+    """dup4 stores the tie twice: the manifest, a warning and inspect's blob map all say so."""
+    import json
+    import subprocess
+    import sys
+
+    out = run_export(
+        ExportOptions(model=str(tiny_dir), quant="4bit", out=tmp_path / "d4", max_context=64, tie_mode="dup4")
+    )[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sharing"]["tie"]["mode"] == "dup4" and manifest["sharing"]["tie"]["duplicated_bytes"] > 0
+    assert any("stored twice" in w for w in manifest["warnings"])
+    shown = subprocess.run([sys.executable, "-m", "mlexport.cli", "inspect", str(out)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "lm_head.weight" in shown.stdout and "yes" in shown.stdout  # the duplicated column
+    assert manifest["storage"]["duplicated_bytes"] > 0

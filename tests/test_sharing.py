@@ -10,7 +10,7 @@ from tiny import llama_config, random_state_dict, save_hf_dir
 
 from mlexport.model import build_decoder
 from mlexport.pipeline import ExportOptions, run_export
-from mlexport.sharing import build_sharing_plan
+from mlexport.sharing import ShareGroup, SharingPlan, build_sharing_plan, logical_tensor, map_blobs
 from mlexport.sources import load_model
 
 
@@ -103,6 +103,44 @@ def test_ls_artifact_stores_blocks_once(tmp_path: Path) -> None:
         )[0]
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["accounting"]["within_slack"], manifest["accounting"]
-        assert manifest["sharing"]["tie"] == {"tied": True, "mode": "shared8", "duplicated_bytes": 0}
+        tie = manifest["sharing"]["tie"]
+        assert (tie["mode"], tie["duplicated_bytes"], tie["auto"]["mode"]) == ("shared8", 0, "shared8")
+        storage = manifest["storage"]
+        assert storage["duplicated_bytes"] == 0
+        assert storage["stored_bytes"] <= 1.03 * manifest["accounting"]["predicted_unique_bytes"]
+        block_rows = [s for b in storage["blobs"] for s in b["serves"] if s.startswith("layers.")]
+        assert (
+            block_rows
+            and all(s.endswith("(executed layers 0, 1)") or s.endswith("(executed layers 2, 3)") for s in block_rows)
+            == sharing
+        ), block_rows
         sizes[sharing] = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model."))
     assert sizes[True] <= 1.03 * sizes[False], sizes
+
+
+def test_blob_map_names_uses_and_flags_duplicates() -> None:
+    """Blobs join with the recorded key sources; a tied tensor stored in two blobs is flagged, once."""
+    plan = SharingPlan(
+        [ShareGroup("embed_tokens.weight", ["embed_tokens.weight", "lm_head.weight"], "same-parameter", 8)]
+    )
+    blobs = [
+        {"file": "model.pte", "bytes": 100, "keys": ["aa"]},
+        {"file": "model.pte", "bytes": 10, "keys": ["scale_aa"]},
+        {"file": "model.ptd", "bytes": 50, "keys": ["embed_tokens.parametrizations.weight.original0"]},
+        {"file": "model.ptd", "bytes": 70, "keys": ["head", "embed_tokens.weight"]},
+        {"file": "model.pte", "bytes": 5, "keys": [], "label": "(program constants)"},
+    ]
+    sources = {
+        "aa": ["layers.0.wq.parametrizations.weight.original0"],
+        "scale_aa": ["layers.0.wq.parametrizations.weight.original0"],
+        "head": ["lm_head.parametrizations.weight.original0"],
+    }
+    mapped = map_blobs(blobs, sources, plan, [0, 0, 1, 1])
+    rows = mapped["blobs"]
+    assert rows[0]["serves"] == ["layers.0.wq.weight (executed layers 0, 1)"]
+    assert rows[2]["serves"] == ["embed_tokens.weight"] and "duplicate_of_blob" not in rows[2]
+    assert rows[3]["serves"] == ["embed_tokens.weight", "lm_head.weight"] and rows[3]["duplicate_of_blob"] == [2]
+    assert rows[4]["serves"] == ["(program constants)"]
+    assert mapped["duplicated_bytes"] == 70 and mapped["stored_bytes"] == 235
+    assert logical_tensor("scale_x", "a.parametrizations.weight.original0") == ("a.weight", "scale")
+    assert logical_tensor("k", "rope_rot_t") == ("rope_rot_t", "data")

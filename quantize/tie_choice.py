@@ -1,0 +1,66 @@
+"""``--tie-mode auto``: pick the tied-embedding layout by measuring it, not by a rule of thumb.
+
+Each candidate (``shared8``, ``dup4``) is quantized in eager PyTorch and scored against the fp32 model on a slice
+of the built-in corpus. The smallest candidate whose KLD is within a tolerance of the best one wins. Eager
+PyTorch is the right judge here: the exporter's own error is the same for both layouts and is measured later by
+``mlexport validate``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from mlexport.quantize import TIE_MODES, plan_quantization
+from mlexport.validate.corpus import default_corpus
+from mlexport.validate.stats import log_softmax
+
+from mlexport.sharing import predicted_bytes
+
+CHOICE_TOKENS = 256
+KLD_TOLERANCE = 1.10  # a layout may drift up to 10% more than the best one (+ a small floor) if it is smaller
+KLD_FLOOR = 1e-3
+
+
+@dataclass
+class TieCandidate:
+    mode: str
+    predicted_bytes: int
+    kld_mean: float
+    passes: bool = False
+
+
+def choose_tie_mode(model: torch.nn.Module, token_ids: list[int], preset: str, group_size: int) -> dict[str, Any]:
+    """Return {"mode": chosen, "candidates": [...], "rule": ...} for a tied fp32 ``model`` (left unchanged)."""
+    from mlexport.quantize.torchao_map import apply_plan
+
+    tokens = torch.tensor([token_ids[:CHOICE_TOKENS]])
+    with torch.no_grad():
+        ref = log_softmax(model(tokens)[0].float().numpy())
+    candidates = []
+    for mode in TIE_MODES:
+        plan = plan_quantization(model, preset, group_size, mode)
+        if plan.tie_mode != mode:  # this preset has only one layout (8-bit is always shared)
+            continue
+        quantized = apply_plan(copy.deepcopy(model), plan)
+        with torch.no_grad():
+            test = log_softmax(quantized(tokens)[0].float().numpy())
+        kld = float(np.mean(np.sum(np.exp(ref) * (ref - test), axis=-1)))
+        candidates.append(TieCandidate(mode, predicted_bytes(model, plan)["total"], kld))
+    best = min(c.kld_mean for c in candidates)
+    for c in candidates:
+        c.passes = c.kld_mean <= best * KLD_TOLERANCE + KLD_FLOOR
+    chosen = min((c for c in candidates if c.passes), key=lambda c: c.predicted_bytes)
+    return {
+        "mode": chosen.mode,
+        "rule": f"smallest layout with KLD <= {KLD_TOLERANCE} x best + {KLD_FLOOR} on {tokens.shape[1]} tokens",
+        "candidates": [asdict(c) for c in candidates],
+    }
+
+
+def corpus_tokens(tokenizer: Any) -> list[int]:
+    """The built-in corpus, tokenized: the same text `mlexport validate` scores by default."""
+    return tokenizer.encode(default_corpus())
