@@ -57,11 +57,16 @@ def export(
     force: bool = typer.Option(False, "--force", help="overwrite an existing output directory"),
     max_context: int = typer.Option(2048, "--max-context", help="KV cache length (tokens); capped by the model's"),
     group_size: int = typer.Option(32, "--group-size", help="4-bit weight group size"),
+    accuracy_level: int = typer.Option(
+        4, "--accuracy-level", help="ONNX MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32 (exact)"
+    ),
     tie_mode: str = typer.Option(
-        "auto",
+        "default",
         "--tie-mode",
-        help="tied embedding: shared8 (one int8 table, stored once) | dup4 (4-bit, twice) | auto (measure both "
-        "on the built-in corpus; keep the smaller one that drifts no more than 10% over the best)",
+        help="tied embedding layout [default: executorch shared8, onnx shared4]: shared8 (one int8 table, stored "
+        "once) | shared4 (one 4-bit table, onnx) | "
+        "dup4 (4-bit, stored twice, executorch) | auto (score the target's layouts on the built-in corpus; keep "
+        "the smaller one that drifts no more than 10% over the best)",
     ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
@@ -69,7 +74,7 @@ def export(
 
     from mlexport.pipeline import ExportOptions, run_export, validate_options
 
-    opts = ExportOptions(model, target, quant, output, force, max_context, group_size, tie_mode)
+    opts = ExportOptions(model, target, quant, output, force, max_context, group_size, tie_mode, accuracy_level)
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()
     started = time.perf_counter()

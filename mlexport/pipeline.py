@@ -25,11 +25,15 @@ from mlexport.artifacts import (
 )
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
-from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, plan_quantization
+from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, TARGET_TIE_MODES, plan_quantization
 from mlexport.sharing import SharingPlan, account, build_sharing_plan, map_blobs, predicted_bytes, tensor_bytes
 from mlexport.sources import LoadedModel, load_model
 
-TARGETS = ("executorch",)  # the ONNX and Core ML exporters land with their own issues
+TARGETS = ("executorch", "onnx")  # the Core ML exporter lands with issue #5
+WEIGHT_FILES = {"executorch": (".pte", ".ptd"), "onnx": (".onnx", ".onnx.data")}
+# Bytes per quantization scale as each runtime stores them: XNNPACK keeps int4 group scales as bf16 and int8
+# scales as fp32; MatMulNBits scales take the activation dtype (fp32 here).
+SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 4, 8: 4}}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
 
@@ -45,7 +49,8 @@ class ExportOptions:
     force: bool = False
     max_context: int = DEFAULT_MAX_CONTEXT
     group_size: int = DEFAULT_GROUP_SIZE
-    tie_mode: str = "auto"
+    tie_mode: str = "default"  # the target's first layout (TARGET_TIE_MODES); "auto" measures them
+    accuracy_level: int = 4  # ONNX MatMulNBits: 4 = int8 activations (fast), 0 = fp32 activations (exact)
 
 
 def model_label(source: str) -> str:
@@ -72,8 +77,10 @@ def validate_options(opts: ExportOptions) -> list[str]:
             raise MlexportError(f"unknown or unavailable --target {t!r}{hint}; available: {', '.join(TARGETS)}")
     from mlexport.quantize import TIE_MODES
 
-    if opts.tie_mode not in (*TIE_MODES, "auto"):
+    if opts.tie_mode not in (*TIE_MODES, "auto", "default"):
         raise MlexportError(f"unknown --tie-mode {opts.tie_mode!r}; choose one of {', '.join(TIE_MODES)}, auto")
+    if opts.accuracy_level not in (0, 1, 2, 3, 4):
+        raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
     if opts.max_context < 16:
         raise MlexportError("--max-context must be at least 16")
     if opts.out is not None and len(targets) > 1:
@@ -103,31 +110,46 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     max_context = min(opts.max_context, spec.max_context)
     started = time.time()
     with atomic_output_dir(out, opts.force) as tmp:
+        from mlexport.quantize.torchao_map import apply_plan
+
+        tie_choice = choose_tie(loaded, opts, target, say, log)
+        tie_mode = tie_choice["mode"] if tie_choice else _default_tie_mode(opts.tie_mode, target)
+        if (
+            opts.tie_mode not in ("auto", "default")
+            and spec.tie_embeddings
+            and tie_mode not in TARGET_TIE_MODES[target]
+        ):
+            raise MlexportError(
+                f"--tie-mode {tie_mode} is not available for --target {target}; "
+                f"choose one of {', '.join(TARGET_TIE_MODES[target])} or auto"
+            )
+        backend = "executorch" if target == "executorch" else "torch"
+        model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend=backend)
+        sharing = build_sharing_plan(model, spec.layer_map)
+        plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, per_channel_int8=target == "executorch")
+        predicted = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])
+        say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
+        with log.stage("quantize"):
+            apply_plan(model, plan)
         if target == "executorch":
             from mlexport.exporters.executorch import export_pte
-            from mlexport.quantize.torchao_map import apply_plan
 
-            tie_choice = choose_tie(loaded, opts, say, log)
-            tie_mode = tie_choice["mode"] if tie_choice else ("shared8" if opts.tie_mode == "auto" else opts.tie_mode)
-            model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend="executorch")
-            sharing = build_sharing_plan(model, spec.layer_map)
-            plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode)
-            predicted = predicted_bytes(model, plan)
-            say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
-            with log.stage("quantize"):
-                apply_plan(model, plan)
             # Tied tensors always go to model.ptd: shared8 stores them once there, and dup4's two copies stay
             # visible to `inspect` under their own names.
             report = export_pte(model, tmp, log, say, share_tied=spec.tie_embeddings)
-            storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)
+        elif target == "onnx":
+            from mlexport.exporters.onnx import export_onnx
+
+            report = export_onnx(model, plan, tmp, log, say, accuracy_level=opts.accuracy_level)
         else:  # guarded by validate_options
             raise MlexportError(f"target {target!r} is not available")
+        storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)
         warnings = [*plan.notes, *_tie_warnings(spec, plan)]
         if report.get("unexpected_fallback_ops"):
             warnings.append(f"ops left outside XNNPACK (run on portable kernels): {report['unexpected_fallback_ops']}")
         if storage["duplicated_bytes"] and not _tie_warnings(spec, plan):
             warnings.append(f"{storage['duplicated_bytes'] / 1e6:.2f} MB of weights are stored twice (see inspect)")
-        accounting = account(describe_files(tmp), predicted["total"], (".pte", ".ptd"))
+        accounting = account(describe_files(tmp), predicted["total"], WEIGHT_FILES[target])
         if not accounting["within_slack"]:
             warnings.append(
                 f"artifact stores {accounting['excess_bytes'] / 1e6:.1f} MB more than the plan's unique bytes "
@@ -157,7 +179,13 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     return out
 
 
-def choose_tie(loaded: LoadedModel, opts: ExportOptions, say: Status, log: StageLog) -> dict[str, Any] | None:
+def _default_tie_mode(requested: str, target: str) -> str:
+    return TARGET_TIE_MODES[target][0] if requested in ("auto", "default") else requested
+
+
+def choose_tie(
+    loaded: LoadedModel, opts: ExportOptions, target: str, say: Status, log: StageLog
+) -> dict[str, Any] | None:
     """Measure the tied-embedding layouts when there is a choice to make (tied model, 4-bit, --tie-mode auto)."""
     if opts.tie_mode != "auto" or not loaded.spec.tie_embeddings or opts.quant != "4bit":
         return None
@@ -166,10 +194,14 @@ def choose_tie(loaded: LoadedModel, opts: ExportOptions, say: Status, log: Stage
 
     if loaded.tokenizer_dir is None:
         copy_tokenizer(loaded, Path())  # raises the one-line "no tokenizer" error
-    say(f"--tie-mode auto: scoring shared8 and dup4 on {CHOICE_TOKENS} corpus tokens")
+    modes = TARGET_TIE_MODES[target]
+    say(f"--tie-mode auto: scoring {' and '.join(modes)} on {CHOICE_TOKENS} corpus tokens")
     with log.stage("tie_choice"):
         reference = build_decoder(loaded.spec, loaded.state_dict, max_context=CHOICE_TOKENS + 1)
-        choice = choose_tie_mode(reference, corpus_tokens(Tokenizer(loaded.tokenizer_dir)), opts.quant, opts.group_size)
+        tokens = corpus_tokens(Tokenizer(loaded.tokenizer_dir))
+        choice = choose_tie_mode(
+            reference, tokens, opts.quant, opts.group_size, modes, SCALE_BYTES[target], target == "executorch"
+        )
     scores = ", ".join(
         f"{c['mode']} KLD {c['kld_mean']:.3f} {c['predicted_bytes'] / 1e6:.1f} MB" for c in choice["candidates"]
     )
@@ -181,9 +213,11 @@ def storage_map(
     artifact: Path, target: str, blob_sources: dict[str, list[str]], sharing: SharingPlan, layer_map: list[int]
 ) -> dict[str, Any]:
     """What the artifact's files store, blob by blob, and which logical tensors each blob serves."""
-    from mlexport.exporters.executorch import stored_blobs
-
-    if target != "executorch":
+    if target == "executorch":
+        from mlexport.exporters.executorch import stored_blobs
+    elif target == "onnx":
+        from mlexport.exporters.onnx import stored_blobs
+    else:
         raise MlexportError(f"no storage reader for target {target!r}")
     mapped = map_blobs(stored_blobs(artifact), blob_sources, sharing, layer_map)
     return {"blob_sources": blob_sources, **mapped}

@@ -87,22 +87,26 @@ def build_sharing_plan(model: nn.Module, layer_map: list[int] | None = None) -> 
     return plan
 
 
-def tensor_bytes(numel: int, rows: int, scheme: str, group_size: int | None) -> int:
-    """Bytes one stored tensor takes under a scheme, as the runtimes store it (bf16 scales for XNNPACK int4)."""
+def tensor_bytes(
+    numel: int, rows: int, scheme: str, group_size: int | None, scale_bytes: dict[int, int] | None = None
+) -> int:
+    """Bytes one stored tensor takes under a scheme, as the runtime stores it (``scale_bytes`` per bit width;
+    the default is XNNPACK's: bf16 scales for int4 groups, fp32 for int8)."""
+    per_scale = scale_bytes or {4: 2, 8: 4}
     if scheme == "fp32":
         return 4 * numel
     if scheme == "fp16":
         return 2 * numel
     if scheme in ("int4_dynact", "int4_weight"):
         groups = numel // group_size if group_size else rows
-        return numel // 2 + 2 * groups
+        return numel // 2 + per_scale[4] * groups
     if scheme in ("int8_dynact", "int8_weight"):
         groups = numel // group_size if group_size else rows
-        return numel + 4 * groups
+        return numel + per_scale[8] * groups
     raise ValueError(f"unknown scheme {scheme}")
 
 
-def predicted_bytes(model: nn.Module, plan: QuantPlan) -> dict[str, int]:
+def predicted_bytes(model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, int] | None = None) -> dict[str, int]:
     """Unique bytes the plan implies: planned tensors once each (shared uses free), plus float leftovers."""
     shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     planned = 0
@@ -110,7 +114,7 @@ def predicted_bytes(model: nn.Module, plan: QuantPlan) -> dict[str, int]:
         if q.shares:
             continue
         shape = shapes[name]
-        planned += tensor_bytes(int(torch.Size(shape).numel()), int(shape[0]), q.scheme, q.group_size)
+        planned += tensor_bytes(int(torch.Size(shape).numel()), int(shape[0]), q.scheme, q.group_size, scale_bytes)
     float_bytes = 0
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -148,7 +152,7 @@ def logical_tensor(key: str, source_fqn: str) -> tuple[str, str]:
     match = _PARAMETRIZED.search(source_fqn)
     name = source_fqn[: match.start()] + "." + match.group(1) if match else source_fqn
     part = _PARTS.get(match.group(2), "aux") if match else "data"
-    return name, "scale" if key.startswith("scale_") else part
+    return name, "scale" if key.startswith("scale_") or key.endswith(".scales") else part
 
 
 def map_blobs(

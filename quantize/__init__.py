@@ -16,9 +16,13 @@ from mlexport.errors import MlexportError
 
 PRESETS = ("4bit", "8bit", "fp16", "fp32")
 DEFAULT_GROUP_SIZE = 32
-# How a tied embedding/lm_head is quantized: "shared8" = one int8 per-row table that both the lookup and an 8-bit
-# head read (stored once); "dup4" = a 4-bit table plus a separate 4-bit head (stored twice, smaller per copy).
-TIE_MODES = ("shared8", "dup4")
+# How a tied embedding/lm_head is quantized: "shared8" = one int8 table that both the lookup and an 8-bit head
+# read (stored once); "shared4" = one 4-bit block table for both (stored once; needs a runtime with a block-quantized
+# gather: ONNX GatherBlockQuantized); "dup4" = a 4-bit table plus a separate 4-bit head (stored twice).
+TIE_MODES = ("shared8", "shared4", "dup4")
+# The layouts each target can execute (XNNPACK has no quantized gather over a 4-bit head's blocks; ONNX has no
+# reason to store the tie twice).
+TARGET_TIE_MODES = {"executorch": ("shared8", "dup4"), "onnx": ("shared4", "shared8"), "coreml": ("shared8",)}
 
 
 @dataclass
@@ -79,18 +83,24 @@ def valid_group_size(in_features: int, requested: int) -> int | None:
 
 
 def plan_quantization(
-    model: nn.Module, preset: str, group_size: int = DEFAULT_GROUP_SIZE, tie_mode: str = "shared8"
+    model: nn.Module,
+    preset: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    tie_mode: str = "shared8",
+    per_channel_int8: bool = True,
 ) -> QuantPlan:
     """Decide the scheme of every Linear and Embedding weight in ``model`` for a preset.
 
     A group size that does not divide a Linear's ``in_features`` is lowered to the largest valid one and the
-    change is recorded; with none valid, that Linear falls back to per-channel, also recorded.
+    change is recorded; with none valid, that Linear falls back to per-channel, also recorded. int8 tensors are
+    per-channel unless ``per_channel_int8`` is False (ONNX MatMulNBits needs power-of-two blocks).
     """
     if preset not in PRESETS:
         raise MlexportError(f"unknown --quant {preset!r}; choose one of {', '.join(PRESETS)}")
     if tie_mode not in TIE_MODES:
         raise MlexportError(f"unknown --tie-mode {tie_mode!r}; choose one of {', '.join(TIE_MODES)}")
     plan = QuantPlan(preset=preset, dtype="fp16" if preset == "fp16" else "fp32")
+    int8_group = None if per_channel_int8 else group_size
     embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
     tied = embed is not None and head is not None and head.weight is embed.weight
     for name, module in model.named_modules():
@@ -100,19 +110,24 @@ def plan_quantization(
         if preset in ("fp32", "fp16"):
             plan.tensors[key] = TensorQuant(scheme=preset, bits=32 if preset == "fp32" else 16)
             continue
-        if tied and module is head and (preset == "8bit" or tie_mode == "shared8"):
+        if tied and preset == "4bit" and tie_mode == "shared4":
+            plan.tie_mode = "shared4"
+            if isinstance(module, nn.Embedding):  # the lookup reads the head's 4-bit blocks
+                plan.tensors[key] = TensorQuant("int4_weight", 4, group_size, shares="lm_head.weight")
+                continue
+        elif tied and module is head and (preset == "8bit" or tie_mode == "shared8"):
             plan.tie_mode = "shared8"
-            plan.tensors[key] = TensorQuant(scheme="int8_dynact", bits=8, shares="embed_tokens.weight")
+            plan.tensors[key] = TensorQuant("int8_dynact", 8, int8_group, shares="embed_tokens.weight")
             continue
         if isinstance(module, nn.Embedding):
             if tied and preset == "4bit" and tie_mode == "dup4":
                 plan.tie_mode = "dup4"
                 plan.tensors[key] = TensorQuant(scheme="int4_weight", bits=4, group_size=group_size)
             else:
-                plan.tensors[key] = TensorQuant(scheme="int8_weight", bits=8, group_size=None)
+                plan.tensors[key] = TensorQuant(scheme="int8_weight", bits=8, group_size=int8_group)
             continue
         if preset == "8bit":
-            plan.tensors[key] = TensorQuant(scheme="int8_dynact", bits=8, group_size=None)
+            plan.tensors[key] = TensorQuant(scheme="int8_dynact", bits=8, group_size=int8_group)
             continue
         group = valid_group_size(module.in_features, group_size)
         note = None

@@ -33,7 +33,15 @@ class TieCandidate:
     passes: bool = False
 
 
-def choose_tie_mode(model: torch.nn.Module, token_ids: list[int], preset: str, group_size: int) -> dict[str, Any]:
+def choose_tie_mode(
+    model: torch.nn.Module,
+    token_ids: list[int],
+    preset: str,
+    group_size: int,
+    modes: tuple[str, ...] = TIE_MODES,
+    scale_bytes: dict[int, int] | None = None,
+    per_channel_int8: bool = True,
+) -> dict[str, Any]:
     """Return {"mode": chosen, "candidates": [...], "rule": ...} for a tied fp32 ``model`` (left unchanged)."""
     from mlexport.quantize.torchao_map import apply_plan
 
@@ -41,15 +49,15 @@ def choose_tie_mode(model: torch.nn.Module, token_ids: list[int], preset: str, g
     with torch.no_grad():
         ref = log_softmax(model(tokens)[0].float().numpy())
     candidates = []
-    for mode in TIE_MODES:
-        plan = plan_quantization(model, preset, group_size, mode)
+    for mode in modes:
+        plan = plan_quantization(model, preset, group_size, mode, per_channel_int8)
         if plan.tie_mode != mode:  # this preset has only one layout (8-bit is always shared)
             continue
         quantized = apply_plan(copy.deepcopy(model), plan)
         with torch.no_grad():
             test = log_softmax(quantized(tokens)[0].float().numpy())
         kld = float(np.mean(np.sum(np.exp(ref) * (ref - test), axis=-1)))
-        candidates.append(TieCandidate(mode, predicted_bytes(model, plan)["total"], kld))
+        candidates.append(TieCandidate(mode, predicted_bytes(model, plan, scale_bytes)["total"], kld))
     best = min(c.kld_mean for c in candidates)
     for c in candidates:
         c.passes = c.kld_mean <= best * KLD_TOLERANCE + KLD_FLOOR

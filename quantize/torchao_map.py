@@ -67,7 +67,8 @@ def _share_quantized(user: nn.Module, owner: nn.Module, q: TensorQuant) -> None:
     """Point ``user`` at ``owner``'s quantized bytes and scales (the same tensors, not a copy).
 
     For a tied lm_head this is 8da8w over the embedding's int8 per-row table: per-row symmetric int8 is exactly
-    per-output-channel int8 for the head, so both uses read one table.
+    per-output-channel int8 for the head, so both uses read one table. For ``shared4`` it is the other way round:
+    the embedding lookup reads the head's 4-bit blocks, weight-only.
     """
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
@@ -75,15 +76,12 @@ def _share_quantized(user: nn.Module, owner: nn.Module, q: TensorQuant) -> None:
     )
 
     src = owner.weight.data if isinstance(owner.weight, nn.Parameter) else owner.weight
-    if not isinstance(src, IntxUnpackedToInt8Tensor) or q.scheme != "int8_dynact":
+    if not isinstance(src, IntxUnpackedToInt8Tensor) or q.scheme not in ("int8_dynact", "int4_weight"):
         raise MlexportError(f"cannot share {type(src).__name__} as {q.scheme}; use --tie-mode dup4")
+    dynamic = (
+        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if q.scheme.endswith("dynact") else None
+    )
     shared = IntxUnpackedToInt8Tensor(
-        src.qdata,
-        src.scale,
-        src.zero_point,
-        src.target_dtype,
-        src.block_size,
-        src.dtype,
-        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+        src.qdata, src.scale, src.zero_point, src.target_dtype, src.block_size, src.dtype, dynamic
     )
     user.weight = nn.Parameter(shared, requires_grad=False)

@@ -61,6 +61,45 @@ class ExecuTorchRuntime:
         return logits.reshape(-1, logits.shape[-1]).float().numpy()
 
 
+class OnnxRuntime:
+    """A ``.onnx`` decoder through onnxruntime's CPU provider, carrying ``present.*`` back in as ``past_key_values``."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+        from mlexport.exporters.onnx import open_session
+
+        try:
+            self._session = open_session(directory)
+        except Exception as exc:
+            raise MlexportError(f"onnxruntime could not load {directory} ({str(exc)[:200]}); re-export it") from None
+        spec = manifest["model"]["spec"]
+        self.max_context = int(manifest["max_context"])
+        self.vocab_size = int(spec["vocab_size"])
+        self.bos_id = spec.get("bos_id")
+        self.eos_ids = [int(e) for e in spec.get("eos_ids", [])]
+        self._past = [i for i in self._session.get_inputs() if i.name.startswith("past_key_values.")]
+        self._outputs = ["logits"] + [i.name.replace("past_key_values.", "present.") for i in self._past]
+        self._cache: list[np.ndarray] = []
+        self._length = 0
+
+    def forward(self, tokens: list[int], start: int) -> np.ndarray:
+        if start + len(tokens) > self.max_context:
+            raise MlexportError(f"context of {self.max_context} tokens exceeded; re-export with a larger --max-context")
+        if start == 0 or not self._cache:
+            self._cache = [np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self._past]
+            self._length = 0
+        if start > self._length:
+            raise MlexportError(f"position {start} skips tokens: the cache holds {self._length}")
+        cache = [c[:, :, :start] for c in self._cache]  # rewinding is a slice: the cache is per call, not static
+        feeds = {
+            "input_ids": np.array([tokens], np.int64),
+            "attention_mask": np.ones((1, start + len(tokens)), np.int64),
+            **{i.name: c for i, c in zip(self._past, cache, strict=True)},
+        }
+        logits, *present = self._session.run(self._outputs, feeds)
+        self._cache, self._length = present, start + len(tokens)
+        return logits.reshape(-1, logits.shape[-1]).astype(np.float32)
+
+
 def open_runtime(artifact: Path) -> tuple[ArtifactRuntime, Path, dict[str, Any]]:
     """Open an artifact directory (or a file inside one) with the runtime its target needs."""
     directory, manifest = read_manifest(artifact)
@@ -71,4 +110,6 @@ def open_runtime(artifact: Path) -> tuple[ArtifactRuntime, Path, dict[str, Any]]
         if not pte.is_file():
             raise MlexportError(f"{directory} has no model.pte; re-export it")
         return ExecuTorchRuntime(pte, ptd), directory, manifest
+    if target == "onnx":
+        return OnnxRuntime(directory, manifest), directory, manifest
     raise MlexportError(f"{directory}: target {target!r} has no runtime in this version of mlexport")

@@ -1,0 +1,142 @@
+"""ONNX exporter on tiny models: parity with eager (fp32 and the same dequantized int4 weights), LS caches, QK-norm
+and biases, store-once, and the onnxruntime-genai contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlexport.validate.drift import quantized_reference
+from mlexport.validate.runtimes import open_runtime
+from test_decoder import CONFIGS
+from tiny import VOCAB, llama_config, save_hf_dir
+
+from mlexport.model import build_decoder
+from mlexport.pipeline import ExportOptions, run_export
+from mlexport.sources import load_model
+
+TOKENS = [int(t) for t in torch.randint(3, VOCAB, (14,), generator=torch.Generator().manual_seed(5))]
+PREFILL = 9
+WIDE = {"hidden_size": 256, "intermediate_size": 1024, "head_dim": 64}
+
+
+def _ls_config(**kw) -> dict:  # noqa: ANN003
+    cfg = llama_config(architectures=["MobileLLMForCausalLM"], model_type="mobilellm", **kw)
+    cfg.pop("tie_word_embeddings")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx-models")
+    configs = {
+        **{k: CONFIGS[k] for k in ("llama", "llama-untied", "qwen2", "qwen3")},
+        # Wide enough that weights, not the graph's per-layer nodes, dominate the LS/twin size comparison.
+        "ls": _ls_config(share_embedding=True, layer_sharing=True, **WIDE),
+        "ls-twin": _ls_config(share_embedding=True, layer_sharing=False, **WIDE),
+    }
+    for name, cfg in configs.items():
+        save_hf_dir(root / name, cfg, fmt="bin" if name.startswith("ls") else "safetensors")
+    return {name: root / name for name in configs}
+
+
+def _export(model_dir: Path, out: Path, quant: str, **kw) -> Path:  # noqa: ANN003
+    return run_export(ExportOptions(model=str(model_dir), target="onnx", quant=quant, out=out, max_context=64, **kw))[0]
+
+
+def _artifact_logits(artifact: Path) -> np.ndarray:
+    """Prefill, then decode token by token through the present -> past cache."""
+    runtime, _, _ = open_runtime(artifact)
+    rows = [runtime.forward(TOKENS[:PREFILL], 0)]
+    rows += [runtime.forward([t], PREFILL + i) for i, t in enumerate(TOKENS[PREFILL:])]
+    return np.concatenate(rows)
+
+
+def _eager(model: torch.nn.Module) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS]))[0].float().numpy()
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-untied", "qwen2", "qwen3", "ls"])
+def test_fp32_onnx_matches_eager(name: str, models: dict[str, Path], tmp_path: Path) -> None:
+    artifact = _export(models[name], tmp_path / name, "fp32")
+    loaded = load_model(str(models[name]))
+    ref = _eager(build_decoder(loaded.spec, loaded.state_dict, max_context=64))
+    assert np.abs(_artifact_logits(artifact) - ref).max() <= 1e-3
+
+
+def test_int4_onnx_matches_the_same_dequantized_weights(models: dict[str, Path], tmp_path: Path) -> None:
+    """accuracy_level 0 (fp32 activations): only summation order differs from PyTorch on the dequantized weights."""
+    artifact = _export(models["llama"], tmp_path / "q4", "4bit", accuracy_level=0)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    loaded = load_model(str(models["llama"]))
+    reference = quantized_reference(loaded, manifest, max_context=64)
+    for module in reference.modules():  # the same int4 values and scales, without torchao's activation quant
+        weight = getattr(module, "weight", None)
+        if weight is not None and hasattr(weight, "dequantize"):
+            module.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
+    got, want = _artifact_logits(artifact), _eager(reference)
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    # The default accuracy level 4 quantizes activations to int8 inside MatMulNBits: close, not exact.
+    fast = _artifact_logits(_export(models["llama"], tmp_path / "q4fast", "4bit"))
+    assert (fast.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_8bit_and_fp16_track_eager(models: dict[str, Path], tmp_path: Path) -> None:
+    loaded = load_model(str(models["llama"]))
+    ref = _eager(build_decoder(loaded.spec, loaded.state_dict, max_context=64))
+    for quant, tol in (("8bit", 0.05), ("fp16", 2e-3)):
+        got = _artifact_logits(_export(models["llama"], tmp_path / quant, quant))
+        assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), quant
+
+
+def test_ls_and_tie_store_each_weight_once(models: dict[str, Path], tmp_path: Path) -> None:
+    sizes = {}
+    for name in ("ls", "ls-twin"):
+        artifact = _export(models[name], tmp_path / name, "4bit")
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        storage = manifest["storage"]
+        assert storage["duplicated_bytes"] == 0 and manifest["accounting"]["within_slack"], manifest["accounting"]
+        assert storage["stored_bytes"] <= 1.03 * manifest["accounting"]["predicted_unique_bytes"]
+        tie = [b for b in storage["blobs"] if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
+        assert len(tie) == 2, "the tied table is one int4 tensor plus its scales, read by Gather and MatMul"
+        sizes[name] = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model.onnx"))
+        if name == "ls":
+            qkv = [b for b in storage["blobs"] if any("q_proj" in s for s in b["serves"])]
+            assert qkv and all(
+                "(executed layers 0, 1)" in " ".join(b["serves"]) or "(executed layers 2, 3)" in " ".join(b["serves"])
+                for b in qkv
+            )
+    assert sizes["ls"] <= 1.03 * sizes["ls-twin"], sizes
+
+
+def test_genai_layout_and_config(models: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+
+    artifact = _export(models["ls"], tmp_path / "g", "4bit")
+    proto = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    assert inputs[:2] == ["input_ids", "attention_mask"] and "past_key_values.3.key" in inputs  # 4 executed layers
+    assert outputs[0] == "logits" and "present.3.value" in outputs
+    assert proto.ir_version == 10 and {o.domain: o.version for o in proto.opset_import}[""] == 21
+    config = json.loads((artifact / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_hidden_layers"] == 4 and config["model"]["vocab_size"] == VOCAB
+    assert (artifact / "model.onnx.data").stat().st_size > 0 and (artifact / "tokenizer.json").is_file()
+
+
+def test_loads_in_onnxruntime_genai(models: dict[str, Path], tmp_path: Path) -> None:
+    og = pytest.importorskip(
+        "onnxruntime_genai", reason="onnxruntime-genai is an optional extra: pip install 'mlexport[genai]'"
+    )
+    artifact = _export(models["llama"], tmp_path / "og", "4bit")
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=PREFILL + 4, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(TOKENS[:PREFILL])
+    generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == PREFILL + 1
