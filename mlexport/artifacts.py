@@ -120,6 +120,8 @@ def read_manifest(artifact: Path) -> tuple[Path, dict[str, Any]]:
     """Accept an artifact directory or any file inside one; return (directory, manifest)."""
     artifact = Path(artifact)
     directory = artifact if artifact.is_dir() else artifact.parent
+    if not (directory / MANIFEST).is_file() and (directory.parent / MANIFEST).is_file():
+        directory = directory.parent  # a package directory inside the artifact (model.mlpackage)
     path = directory / MANIFEST
     if not artifact.exists():
         raise MlexportError(f"{artifact} does not exist; pass a directory written by 'mlexport export'")

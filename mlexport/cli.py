@@ -32,9 +32,10 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass bars; our own spinner says what runs
     import torch  # noqa: F401  (torch configures its loggers on import; quiet them after)
 
-    for name in ("torch", "torchao", "executorch", "root", "transformers"):
+    for name in ("torch", "torchao", "executorch", "root", "transformers", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
 
@@ -119,6 +120,11 @@ def run(
     from mlexport.validate.runtimes import open_runtime
 
     runtime, directory, manifest = open_runtime(artifact)
+    if getattr(runtime, "uses_interpreter", False):
+        console.print(
+            "[yellow]Core ML has no runtime off macOS: running the MIL program in mlexport's numpy interpreter "
+            "(checks numerics; about a second per token, not device speed)[/]"
+        )
     spec = manifest.get("model", {}).get("spec", {})
     tokenizer = Tokenizer(directory, chat_template=spec.get("chat_template"))
     text = prompt if raw else tokenizer.render_chat(prompt, system)

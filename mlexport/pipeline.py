@@ -29,11 +29,12 @@ from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, TARGET_TIE_MODES, pla
 from mlexport.sharing import SharingPlan, account, build_sharing_plan, map_blobs, predicted_bytes, tensor_bytes
 from mlexport.sources import LoadedModel, load_model
 
-TARGETS = ("executorch", "onnx")  # the Core ML exporter lands with issue #5
-WEIGHT_FILES = {"executorch": (".pte", ".ptd"), "onnx": (".onnx", ".onnx.data")}
+TARGETS = ("executorch", "onnx", "coreml")
+WEIGHT_FILES = {"executorch": (".pte", ".ptd"), "onnx": (".onnx", ".onnx.data"), "coreml": ("weight.bin", ".mlmodel")}
+TARGET_PRESETS = {"executorch": PRESETS, "onnx": PRESETS, "coreml": PRESETS}
 # Bytes per quantization scale as each runtime stores them: XNNPACK keeps int4 group scales as bf16 and int8
 # scales as fp32; MatMulNBits scales take the activation dtype (fp32 here).
-SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 4, 8: 4}}
+SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 4, 8: 4}, "coreml": {4: 2, 8: 2}}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
 
@@ -72,9 +73,9 @@ def validate_options(opts: ExportOptions) -> list[str]:
     targets = list(TARGETS) if opts.target == "all" else [opts.target]
     for t in targets:
         if t not in TARGETS:
-            planned = {"onnx": "issue #4", "coreml": "issue #5"}
-            hint = f" (not built yet: {planned[t]})" if t in planned else ""
-            raise MlexportError(f"unknown or unavailable --target {t!r}{hint}; available: {', '.join(TARGETS)}")
+            raise MlexportError(f"unknown --target {t!r}; choose one of {', '.join(TARGETS)}, all")
+        if opts.quant not in TARGET_PRESETS[t]:
+            raise MlexportError(f"--target {t} takes --quant {'|'.join(TARGET_PRESETS[t])}, not {opts.quant}")
     from mlexport.quantize import TIE_MODES
 
     if opts.tie_mode not in (*TIE_MODES, "auto", "default"):
@@ -126,11 +127,14 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         backend = "executorch" if target == "executorch" else "torch"
         model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend=backend)
         sharing = build_sharing_plan(model, spec.layer_map)
-        plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, per_channel_int8=target == "executorch")
+        plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, per_channel_int8=target != "onnx")
+        if target == "coreml":
+            plan = weight_only(plan)
         predicted = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])
-        say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
-        with log.stage("quantize"):
-            apply_plan(model, plan)
+        if target != "coreml":  # coremltools compresses the converted program itself (same plan, its quantizer)
+            say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
+            with log.stage("quantize"):
+                apply_plan(model, plan)
         if target == "executorch":
             from mlexport.exporters.executorch import export_pte
 
@@ -141,6 +145,10 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             from mlexport.exporters.onnx import export_onnx
 
             report = export_onnx(model, plan, tmp, log, say, accuracy_level=opts.accuracy_level)
+        elif target == "coreml":
+            from mlexport.exporters.coreml import export_mlpackage
+
+            report = export_mlpackage(model, plan, tmp, log, say)
         else:  # guarded by validate_options
             raise MlexportError(f"target {target!r} is not available")
         storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)
@@ -177,6 +185,18 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     for warning in warnings:
         say(f"warning: {warning}")
     return out
+
+
+def weight_only(plan: Any) -> Any:
+    """Core ML runs weights-only quantization with fp16 activations: say so in the plan instead of pretending."""
+    from mlexport.quantize import TensorQuant
+
+    for name, q in plan.tensors.items():
+        if q.scheme.endswith("_dynact"):
+            plan.tensors[name] = TensorQuant(
+                q.scheme.replace("_dynact", "_weight"), q.bits, q.group_size, q.note, q.shares
+            )
+    return plan
 
 
 def _default_tie_mode(requested: str, target: str) -> str:
@@ -217,6 +237,8 @@ def storage_map(
         from mlexport.exporters.executorch import stored_blobs
     elif target == "onnx":
         from mlexport.exporters.onnx import stored_blobs
+    elif target == "coreml":
+        from mlexport.exporters.coreml import stored_blobs
     else:
         raise MlexportError(f"no storage reader for target {target!r}")
     mapped = map_blobs(stored_blobs(artifact), blob_sources, sharing, layer_map)

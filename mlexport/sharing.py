@@ -149,6 +149,9 @@ _PARTS = {"0": "data", "1": "scale", "2": "zero_point"}
 def logical_tensor(key: str, source_fqn: str) -> tuple[str, str]:
     """(logical tensor, part) for a stored key: torchao's unwrapped `x.parametrizations.weight.original1` is
     `x.weight`'s scale; XNNPACK prefixes scale keys with `scale_`."""
+    if "#" in source_fqn:  # exporters that know the part say so: "layers.0.q_proj.weight#scale"
+        name, part = source_fqn.split("#", 1)
+        return name, part
     match = _PARAMETRIZED.search(source_fqn)
     name = source_fqn[: match.start()] + "." + match.group(1) if match else source_fqn
     part = _PARTS.get(match.group(2), "aux") if match else "data"

@@ -22,7 +22,7 @@ DEFAULT_GROUP_SIZE = 32
 TIE_MODES = ("shared8", "shared4", "dup4")
 # The layouts each target can execute (XNNPACK has no quantized gather over a 4-bit head's blocks; ONNX has no
 # reason to store the tie twice).
-TARGET_TIE_MODES = {"executorch": ("shared8", "dup4"), "onnx": ("shared4", "shared8"), "coreml": ("shared8",)}
+TARGET_TIE_MODES = {"executorch": ("shared8", "dup4"), "onnx": ("shared4", "shared8"), "coreml": ("shared4",)}
 
 
 @dataclass

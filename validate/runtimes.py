@@ -100,6 +100,54 @@ class OnnxRuntime:
         return logits.reshape(-1, logits.shape[-1]).astype(np.float32)
 
 
+class CoreMLRuntime:
+    """A ``.mlpackage``: Core ML's own ``MLModel.predict`` with a state on macOS; our MIL interpreter elsewhere.
+
+    The interpreter is numpy, so it is slow (seconds per token on the demo model) and says so; it exists so that
+    Linux CI can check the graph, the KV state and the compressed weights.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], force_interpreter: bool = False) -> None:
+        import sys
+
+        from mlexport.exporters.coreml import PACKAGE_NAME
+
+        package = directory / PACKAGE_NAME
+        if not package.is_dir():
+            raise MlexportError(f"{directory} has no {PACKAGE_NAME}; re-export it")
+        spec = manifest["model"]["spec"]
+        self.max_context = int(manifest["max_context"])
+        self.vocab_size = int(spec["vocab_size"])
+        self.bos_id = spec.get("bos_id")
+        self.eos_ids = [int(e) for e in spec.get("eos_ids", [])]
+        self.uses_interpreter = force_interpreter or sys.platform != "darwin"
+        if self.uses_interpreter:
+            from mlexport.validate.mil_interpreter import MilInterpreter
+
+            self._interpreter = MilInterpreter(package)
+        else:  # pragma: no cover - needs macOS 15+ (Core ML runtime with states)
+            import coremltools as ct
+
+            self._model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
+            self._state = self._model.make_state()
+
+    def forward(self, tokens: list[int], start: int) -> np.ndarray:
+        from mlexport.exporters.coreml import causal_mask
+
+        if start + len(tokens) > self.max_context:
+            raise MlexportError(f"context of {self.max_context} tokens exceeded; re-export with a larger --max-context")
+        inputs = {"input_ids": np.array([tokens], np.int32), "causal_mask": causal_mask(start, len(tokens))}
+        if self.uses_interpreter:
+            if start == 0:
+                self._interpreter.reset_state()
+            logits = self._interpreter.predict(inputs)["logits"]
+        else:  # pragma: no cover - macOS only
+            if start == 0:
+                self._state = self._model.make_state()
+            logits = self._model.predict(inputs, state=self._state)["logits"]
+        return np.asarray(logits, np.float32).reshape(-1, self.vocab_size)
+
+
 def open_runtime(artifact: Path) -> tuple[ArtifactRuntime, Path, dict[str, Any]]:
     """Open an artifact directory (or a file inside one) with the runtime its target needs."""
     directory, manifest = read_manifest(artifact)
@@ -112,4 +160,6 @@ def open_runtime(artifact: Path) -> tuple[ArtifactRuntime, Path, dict[str, Any]]
         return ExecuTorchRuntime(pte, ptd), directory, manifest
     if target == "onnx":
         return OnnxRuntime(directory, manifest), directory, manifest
+    if target == "coreml":
+        return CoreMLRuntime(directory, manifest), directory, manifest
     raise MlexportError(f"{directory}: target {target!r} has no runtime in this version of mlexport")

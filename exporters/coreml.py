@@ -1,0 +1,297 @@
+"""Core ML exporter: an iOS 18 ``.mlpackage`` with a stateful KV cache (one per executed layer) and int4 blocks.
+
+Why a separate traced wrapper instead of the shared decoder's forward: Core ML wants the cache as model *state*
+updated by slice assignment, positions derived from input shapes (the token count and the mask width), and
+attention written so coremltools emits its fused SDPA (no explicit ``scale``). The weights are the decoder's own
+modules, so LS blocks stay aliased and the tied table stays one tensor (REFERENCE §5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mlexport.quantize import QuantPlan
+from torch import nn
+
+from mlexport.errors import MlexportError
+from mlexport.model import Decoder, RMSNorm
+from mlexport.spec import ModelSpec
+
+PACKAGE_NAME = "model.mlpackage"
+MIN_TARGET = "iOS18"
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm that cannot overflow in fp16: scale by the row's max first (x / m has mean square <= 1)."""
+    m = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+    xs = x / m
+    return norm.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + norm.eps / (m * m)))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class StatefulDecoder(nn.Module):
+    """forward(input_ids [1, T] int32, causal_mask [1, 1, T, S] additive) -> logits [1, T, V].
+
+    S = tokens already cached + T; the new tokens' positions are S-T .. S-1. Caches are fp16 buffers
+    [1, kv_heads, max_context, head_dim] that Core ML turns into model state.
+    """
+
+    def __init__(self, model: Decoder) -> None:
+        super().__init__()
+        self.model = model
+        spec = model.spec
+        ctx = model.max_context
+        for i, block in enumerate(model.layer_map):
+            shape = (1, spec.n_kv_heads[block], ctx, spec.head_dim)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16))
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("cos", model.rope_cos[:, 0, :].clone())
+        self.register_buffer("sin", model.rope_sin[:, 0, :].clone())
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        t = input_ids.shape[-1]
+        end = causal_mask.shape[-1]
+        start = end - t
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        h = m.embed_tokens(input_ids)
+        for i, block_idx in enumerate(m.layer_map):
+            block = m.layers[block_idx]
+            attn = block.self_attn
+            x = _norm(block.input_layernorm, h)
+            q = attn.q_proj(x).view(1, t, attn.n_heads, attn.head_dim)
+            k = attn.k_proj(x).view(1, t, attn.n_kv, attn.head_dim)
+            v = attn.v_proj(x).view(1, t, attn.n_kv, attn.head_dim)
+            if attn.q_norm is not None:
+                q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            k_cache[:, :, start:end] = k.to(torch.float16)
+            v_cache[:, :, start:end] = v.transpose(1, 2).to(torch.float16)
+            keys = k_cache[:, :, :end].to(q.dtype)
+            values = v_cache[:, :, :end].to(q.dtype)
+            reps = attn.n_heads // attn.n_kv
+            if reps > 1:
+                keys = keys.repeat_interleave(reps, dim=1)
+                values = values.repeat_interleave(reps, dim=1)
+            # No `scale` argument: coremltools emits its fused SDPA only then (REFERENCE §5).
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_mask.to(q.dtype))
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, attn.n_heads * attn.head_dim))
+            x = _norm(block.post_attention_layernorm, h)
+            h = h + block.mlp(x)
+        return m.lm_head(_norm(m.norm, h))
+
+
+def causal_mask(past: int, t: int) -> np.ndarray:
+    """Additive mask [1, 1, t, past + t]: 0 where a query may attend, -inf-ish (fp16-safe) above the diagonal."""
+    mask = np.zeros((1, 1, t, past + t), np.float16)
+    mask[0, 0][np.triu(np.ones((t, past + t), bool), k=past + 1)] = -30000.0
+    return mask
+
+
+def convert(model: Decoder, plan: QuantPlan, log: Any, status: Any = None, palettize: int | None = None) -> Any:
+    """Trace the stateful wrapper and convert it with coremltools; then compress weights per the plan."""
+    import coremltools as ct
+
+    spec: ModelSpec = model.spec
+    ctx = model.max_context
+    wrapper = StatefulDecoder(model).eval()
+    example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(0, 2).astype(np.float32)))
+    if status:
+        status("tracing the stateful decoder (torch.jit.trace)")
+    with log.stage("trace"), torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    tokens = ct.RangeDim(lower_bound=1, upper_bound=ctx, default=1)
+    width = ct.RangeDim(lower_bound=1, upper_bound=ctx, default=1)
+    states = []
+    for i, block in enumerate(model.layer_map):
+        shape = (1, spec.n_kv_heads[block], ctx, spec.head_dim)
+        for kind in ("k", "v"):
+            states.append(
+                ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=f"{kind}_cache_{i}")
+            )
+    if status:
+        status(f"converting with coremltools (iOS18, {'fp32' if plan.preset == 'fp32' else 'fp16'} compute)")
+    with log.stage("convert"):
+        mlmodel = ct.convert(
+            traced,
+            inputs=[
+                ct.TensorType(name="input_ids", shape=(1, tokens), dtype=np.int32),
+                ct.TensorType(
+                    name="causal_mask",
+                    shape=(1, 1, tokens, width),
+                    dtype=np.float32 if plan.preset == "fp32" else np.float16,
+                ),
+            ],
+            outputs=[ct.TensorType(name="logits", dtype=np.float32 if plan.preset == "fp32" else np.float16)],
+            states=states,
+            minimum_deployment_target=ct.target.iOS18,
+            # fp32 is for checking numerics; devices run fp16 (the caches are fp16 either way)
+            compute_precision=ct.precision.FLOAT32 if plan.preset == "fp32" else ct.precision.FLOAT16,
+            skip_model_load=True,
+        )
+    with log.stage("compress"):
+        mlmodel = compress(mlmodel, plan, palettize, status)
+    return mlmodel
+
+
+def compress(mlmodel: Any, plan: QuantPlan, palettize: int | None, status: Any = None) -> Any:
+    """Map the plan onto Core ML's weight compression: int4 per-block, int8 per-channel, or an N-bit palette."""
+    import coremltools.optimize.coreml as cto
+
+    if palettize:
+        if status:
+            status(f"palettizing weights to {palettize} bits")
+        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=palettize))
+        return cto.palettize_weights(mlmodel, config)
+    schemes = {q.scheme for q in plan.tensors.values()}
+    if schemes <= {"fp16", "fp32"}:
+        return mlmodel
+    bits = 4 if any(s.startswith("int4") for s in schemes) else 8
+    if status:
+        status(f"quantizing weights to int{bits} ({'per-block 32' if bits == 4 else 'per-channel'})")
+    if bits == 4:
+        group = next(q.group_size for q in plan.tensors.values() if q.scheme.startswith("int4"))
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=group, weight_threshold=512
+        )
+    else:
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=512
+        )
+    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=_weight_consts(mlmodel, op)))
+
+
+def _weight_consts(mlmodel: Any, config: Any) -> dict[str, Any]:
+    """Compress only the weights (consts read by linear layers and the embedding gather), never the RoPE tables
+    or other constants a global config would also quantize."""
+    names = {}
+    for op in mlmodel._mil_program.functions["main"].operations:
+        if op.op_type != "const" or op.outputs[0].val is None or np.ndim(op.outputs[0].val) < 2:
+            continue
+        consumers = {child.op_type for child in op.outputs[0].child_ops}
+        if consumers and consumers <= {"linear", "gather", "matmul"}:
+            names[op.name] = config
+    return names
+
+
+def metadata(spec: ModelSpec, max_context: int, plan: QuantPlan) -> dict[str, str]:
+    """What an app needs to drive the model, stored in the package's user-defined metadata."""
+    return {
+        "mlexport.bos_id": json.dumps(spec.bos_id),
+        "mlexport.eos_ids": json.dumps(list(spec.eos_ids)),
+        "mlexport.max_context": str(max_context),
+        "mlexport.vocab_size": str(spec.vocab_size),
+        "mlexport.n_executed_layers": str(len(spec.layer_map)),
+        "mlexport.quant": plan.preset,
+        "mlexport.chat_template": spec.chat_template or "",
+    }
+
+
+def export_mlpackage(
+    model: Decoder, plan: QuantPlan, out_dir: Path, log: Any, status: Any = None, palettize: int | None = None
+) -> dict[str, Any]:
+    """Write ``out_dir/model.mlpackage``; return a report with the MIL ops the program uses."""
+    mlmodel = convert(model, plan, log, status, palettize)
+    for key, value in metadata(model.spec, model.max_context, plan).items():
+        mlmodel.user_defined_metadata[key] = value
+    mlmodel.short_description = "mlexport decoder: input_ids + causal_mask -> logits, stateful KV cache"
+    with log.stage("save"):
+        target = out_dir / PACKAGE_NAME
+        if target.exists():
+            shutil.rmtree(target)
+        mlmodel.save(str(target))
+    ops = sorted({op.op_type for op in mlmodel._mil_program.functions["main"].operations})
+    aliases: dict[int, list[str]] = {}
+    for n, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(n)
+    names = {n: group for group in aliases.values() for n in group}
+    return {
+        "minimum_deployment_target": MIN_TARGET,
+        "compute_precision": "fp32" if plan.preset == "fp32" else "fp16",
+        "weights": "weight-only (Core ML has no dynamic activation quantization)",
+        "ops": ops,
+        "fused_sdpa": "scaled_dot_product_attention" in ops,
+        "blob_sources": blob_sources(target, names),
+    }
+
+
+_SUFFIXES = re.compile(
+    r"(_to_fp16|_to_fp32|_quantized|_palettized|_cast_fp16|_fp16|_data|_scale|_offset|_lut|_indices)+$"
+)
+
+
+def blob_sources(package: Path, logical_names: dict[str, list[str]]) -> dict[str, list[str]]:
+    """weight.bin blob key -> the logical tensors (and part) it serves, from the const ops' names.
+
+    coremltools names a weight's const after the torch attribute path (``model_layers_0_mlp_up_proj_weight``
+    plus suffixes), so we match it against the decoder's parameter names; a tied table has one const for both
+    the gather and the head."""
+    by_flat = {("model_" + n).replace(".", "_"): n for n in logical_names}
+    sources: dict[str, list[str]] = {}
+    for key, op_name in _blob_ops(package):
+        base = _SUFFIXES.sub("", op_name)
+        name = by_flat.get(base) or by_flat.get(base + "_weight")
+        part = "scale" if op_name.endswith("_scale") else "offset" if op_name.endswith("_offset") else "data"
+        if name:
+            uses = logical_names[name]
+        elif re.fullmatch(r"linear_\d+_bias_0", base):  # coremltools gives every bias-free linear a zero bias
+            uses = [f"(zero bias coremltools adds to {base.removesuffix('_bias_0')})"]
+        else:
+            uses = [op_name]
+        sources.setdefault(key, []).extend(f"{use}#{part}" for use in uses)
+    return sources
+
+
+def _blob_ops(package: Path) -> list[tuple[str, str]]:
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(package))
+    found = []
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            for op in block.operations:
+                name = op.outputs[0].name if op.outputs else op.type
+                for attr in op.attributes.values():  # plain consts
+                    if attr.WhichOneof("value") == "blobFileValue":
+                        found.append((f"weight.bin@{attr.blobFileValue.offset}", name))
+                for input_name, arg in op.inputs.items():  # compressed weights: data and scale inline in constexpr ops
+                    for binding in arg.arguments:
+                        if binding.HasField("value") and binding.value.WhichOneof("value") == "blobFileValue":
+                            found.append((f"weight.bin@{binding.value.blobFileValue.offset}", f"{name}_{input_name}"))
+    return found
+
+
+def stored_blobs(artifact: Path) -> list[dict[str, Any]]:
+    """Every blob in weight.bin (each starts with a 64-byte header whose sizeInBytes we read)."""
+    weights = artifact / PACKAGE_NAME / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = weights.read_bytes() if weights.is_file() else b""
+    blobs = []
+    for key, _name in _unique_keys(artifact):
+        offset = int(key.split("@")[1])
+        sentinel, _dtype, size = struct.unpack_from("<IIQ", data, offset)
+        if sentinel != 0xDEADBEEF:
+            raise MlexportError(f"{weights} is corrupt at offset {offset}; re-export it")
+        blobs.append({"file": "weight.bin", "bytes": size, "keys": [key]})
+    return blobs
+
+
+def _unique_keys(artifact: Path) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for key, name in _blob_ops(artifact / PACKAGE_NAME):
+        seen.setdefault(key, name)
+    return list(seen.items())
