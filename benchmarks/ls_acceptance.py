@@ -73,21 +73,32 @@ def main() -> None:
             "model_dir": model_dir,
         }
 
-    # Every decode step of the LS artifact against the no-cache forward of the same quantized weights.
+    # Every decode step of the LS artifact against the no-cache forward. fp32 is the exact check (same math, so
+    # any cache mix-up between a block's two runs shows up); 4-bit adds XNNPACK's own activation rounding and bf16
+    # scales against torchao's eager kernels, so it is compared by cosine.
     ls = rows["ls"]
-    manifest = json.loads((ls["out"] / "manifest.json").read_text())
+    fp32_out = args.work / "ls-executorch-fp32"
+    if not (fp32_out / "manifest.json").is_file():
+        run_export(ExportOptions(model=str(ls["model_dir"]), quant="fp32", out=fp32_out, max_context=512, force=True))
     loaded = load_model(str(ls["model_dir"]))
-    reference = quantized_reference(loaded, manifest, max_context=512)
     tokens = torch.randint(3, 32000, (16 + args.steps,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        want = reference(torch.tensor([tokens]))[0].float().numpy()
-    runtime, _, _ = open_runtime(ls["out"])
-    got = [runtime.forward(tokens[:16], 0)]
-    got += [runtime.forward([t], 16 + i) for i, t in enumerate(tokens[16:])]
-    got = np.concatenate(got)
-    step_err = np.abs(got - want).max(-1) / np.abs(want).max(-1)
-    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
-    same_top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    checks = {}
+    for name, out in (("fp32", fp32_out), ("4bit", ls["out"])):
+        manifest = json.loads((out / "manifest.json").read_text())
+        reference = quantized_reference(loaded, manifest, max_context=512)
+        with torch.no_grad():
+            want = reference(torch.tensor([tokens]))[0].float().numpy()
+        runtime, _, _ = open_runtime(out)
+        got = [runtime.forward(tokens[:16], 0)]
+        got += [runtime.forward([t], 16 + i) for i, t in enumerate(tokens[16:])]
+        got = np.concatenate(got)
+        checks[name] = {
+            "max_rel": float((np.abs(got - want).max(-1) / np.abs(want).max(-1)).max()),
+            "min_cos": float(
+                ((got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))).min()
+            ),
+            "top1": float((got.argmax(-1) == want.argmax(-1)).mean()),
+        }
 
     ratio = ls["bytes"] / rows["twin"]["bytes"]
     print("| artifact | executed layers | .pte+.ptd bytes | accounting ratio | duplicated bytes | export s |")
@@ -98,11 +109,12 @@ def main() -> None:
             f"| {r['export_s']} |"
         )
     print(f"\nLS / twin size: {ratio:.4f} (bar <= 1.03): {'PASS' if ratio <= 1.03 else 'FAIL'}")
-    print(
-        f"LS cache vs no-cache, {len(tokens) - 16} decode steps + 16-token prefill: max relative error "
-        f"{step_err.max():.2e}, min cosine {cos.min():.6f}, same top-1 {same_top1:.1%}"
-    )
-    ok = ratio <= 1.03 and cos.min() > 0.999 and same_top1 >= 0.95
+    for name, c in checks.items():
+        print(
+            f"LS {name} .pte with caches vs eager no-cache, 16-token prefill + {args.steps} decode steps: "
+            f"max relative error {c['max_rel']:.2e}, min cosine {c['min_cos']:.6f}, same top-1 {c['top1']:.1%}"
+        )
+    ok = ratio <= 1.03 and checks["fp32"]["max_rel"] <= 1e-3 and checks["4bit"]["min_cos"] > 0.999
     print("PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
