@@ -45,12 +45,13 @@ def _quiet_libraries() -> None:
         "Examples:\n\n"
         "  mlexport export --target executorch --quant 4bit\n\n"
         "  mlexport export --model ./MobileLLM-125M --target executorch --quant 8bit -o build/m125\n\n"
-        "  mlexport export --model SmolLM2-135M-Instruct.Q4_1.gguf --quant fp32 --force"
+        "  mlexport export --model SmolLM2-135M-Instruct.Q4_1.gguf --quant fp32 --force\n\n"
+        "  mlexport export --target all --quant 4bit        # .pte, .onnx and .mlpackage in out/demo-*-4bit/"
     )
 )
 def export(
     model: str = typer.Option("demo", "--model", "-m", help="demo | DIR (HF config+weights) | FILE.gguf | HUB_ID"),
-    target: str = typer.Option("executorch", "--target", "-t", help="executorch | coreml | onnx | all"),
+    target: str = typer.Option("executorch", "--target", "-t", help="executorch | onnx | coreml | all"),
     quant: str = typer.Option("4bit", "--quant", "-q", help="4bit | 8bit | fp16 | fp32"),
     output: Path | None = typer.Option(
         None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]"
@@ -61,11 +62,14 @@ def export(
     accuracy_level: int = typer.Option(
         4, "--accuracy-level", help="ONNX MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32 (exact)"
     ),
+    palettize: int | None = typer.Option(
+        None, "--palettize", help="Core ML only: k-means palette of N bits (1,2,3,4,6,8) instead of linear quant"
+    ),
     tie_mode: str = typer.Option(
         "default",
         "--tie-mode",
-        help="tied embedding layout [default: executorch shared8, onnx shared4]: shared8 (one int8 table, stored "
-        "once) | shared4 (one 4-bit table, onnx) | "
+        help="tied embedding layout (default: executorch shared8, onnx and coreml shared4): shared8 (one int8 "
+        "table, stored once) | shared4 (one 4-bit table, onnx/coreml) | "
         "dup4 (4-bit, stored twice, executorch) | auto (score the target's layouts on the built-in corpus; keep "
         "the smaller one that drifts no more than 10% over the best)",
     ),
@@ -75,7 +79,9 @@ def export(
 
     from mlexport.pipeline import ExportOptions, run_export, validate_options
 
-    opts = ExportOptions(model, target, quant, output, force, max_context, group_size, tie_mode, accuracy_level)
+    opts = ExportOptions(
+        model, target, quant, output, force, max_context, group_size, tie_mode, accuracy_level, palettize
+    )
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()
     started = time.perf_counter()

@@ -52,6 +52,7 @@ class ExportOptions:
     group_size: int = DEFAULT_GROUP_SIZE
     tie_mode: str = "default"  # the target's first layout (TARGET_TIE_MODES); "auto" measures them
     accuracy_level: int = 4  # ONNX MatMulNBits: 4 = int8 activations (fast), 0 = fp32 activations (exact)
+    palettize: int | None = None  # Core ML: N-bit k-means palette instead of linear quantization
 
 
 def model_label(source: str) -> str:
@@ -80,6 +81,8 @@ def validate_options(opts: ExportOptions) -> list[str]:
 
     if opts.tie_mode not in (*TIE_MODES, "auto", "default"):
         raise MlexportError(f"unknown --tie-mode {opts.tie_mode!r}; choose one of {', '.join(TIE_MODES)}, auto")
+    if opts.palettize is not None and (opts.palettize not in (1, 2, 3, 4, 6, 8) or targets != ["coreml"]):
+        raise MlexportError("--palettize takes 1, 2, 3, 4, 6 or 8 bits and applies to --target coreml only")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
     if opts.max_context < 16:
@@ -148,7 +151,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         elif target == "coreml":
             from mlexport.exporters.coreml import export_mlpackage
 
-            report = export_mlpackage(model, plan, tmp, log, say)
+            report = export_mlpackage(model, plan, tmp, log, say, palettize=opts.palettize)
         else:  # guarded by validate_options
             raise MlexportError(f"target {target!r} is not available")
         storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)

@@ -138,3 +138,15 @@ def test_fp16_norm_does_not_overflow() -> None:
     assert torch.isinf(x.pow(2).mean(-1)).any()  # the naive form overflows
     out = _norm(norm, x)
     assert torch.isfinite(out).all() and torch.allclose(out.float(), torch.ones(1, 1, 8), atol=1e-2)
+
+
+def test_palettized_package_runs_in_the_interpreter(models: dict[str, Path], tmp_path: Path) -> None:
+    opts = ExportOptions(
+        model=str(models["llama"]), target="coreml", quant="4bit", out=tmp_path / "pal", max_context=64, palettize=4
+    )
+    artifact = run_export(opts)[0]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert any(op.startswith("constexpr_lut") for op in manifest["delegation"]["ops"])
+    got, ref = _interpreted(artifact), _eager(models["llama"])
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() > 0.9, cos
