@@ -206,22 +206,8 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             qkv = linear.apply(x, f"{prefix}.self_attn.qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
             q, k, v = qkv, "", ""
         else:  # QK-norm sits between the projections and the rotary embedding: no packed QKV
-            q = _head_norm(
-                g,
-                linear.apply(x, f"{prefix}.self_attn.q_proj", [attn.q_proj]),
-                attn.q_norm,
-                f"{prefix}.q_norm",
-                hd,
-                eps,
-            )
-            k = _head_norm(
-                g,
-                linear.apply(x, f"{prefix}.self_attn.k_proj", [attn.k_proj]),
-                attn.k_norm,
-                f"{prefix}.k_norm",
-                hd,
-                eps,
-            )
+            q = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.q_proj", [attn.q_proj]), attn.q_norm, hd, eps)
+            k = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.k_proj", [attn.k_proj]), attn.k_norm, hd, eps)
             v = linear.apply(x, f"{prefix}.self_attn.v_proj", [attn.v_proj])
         gqa = g.node(
             "GroupQueryAttention",
@@ -268,12 +254,13 @@ def _norm_weight(g: GraphWriter, norm: RMSNorm, name: str) -> str:
     )
 
 
-def _head_norm(g: GraphWriter, x: str, norm: RMSNorm, name: str, hd: int, eps: float) -> str:
+def _head_norm(g: GraphWriter, x: str, norm: RMSNorm, hd: int, eps: float) -> str:
+    """Per-head RMSNorm (Qwen3's QK-norm): [B, S, H*D] -> [B, S, H, D], normalize, back."""
     shape = g.const(f"const.heads.{hd}", np.array([0, 0, -1, hd], np.int64))
     flat = g.const("const.flat_heads", np.array([0, 0, -1], np.int64))
     y = g.node(
         "SimplifiedLayerNormalization",
-        [g.node("Reshape", [x, shape]), _norm_weight(g, norm, name)],
+        [g.node("Reshape", [x, shape]), _norm_weight(g, norm, norm._mlexport_fqn)],
         axis=-1,
         epsilon=eps,
         stash_type=1,
