@@ -60,6 +60,17 @@ class GraphWriter:
         self.nodes.append(self.helper.make_node(op, inputs, outputs, name=base, domain=domain, **attrs))
         return outputs[0] if n_out == 1 else outputs
 
+    def rename(self, old: str, new: str) -> None:
+        """Make a node write a graph output directly. An Identity in between would copy the KV buffers that
+        onnxruntime-genai shares between past and present (the whole cache, every layer, every token)."""
+        for node in self.nodes:
+            for i, name in enumerate(node.output):
+                if name == old:
+                    node.output[i] = new
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
 
 class LinearWriter:
     """Maps one Linear's (quantized) weight onto MatMulNBits or MatMul, once per stored tensor."""
@@ -221,8 +232,8 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             rotary_interleaved=0,
             local_window_size=-1,
         )
-        g.nodes.append(helper.make_node("Identity", [gqa[1]], [f"present.{i}.key"]))
-        g.nodes.append(helper.make_node("Identity", [gqa[2]], [f"present.{i}.value"]))
+        g.rename(gqa[1], f"present.{i}.key")
+        g.rename(gqa[2], f"present.{i}.value")
         attn_out = linear.apply(gqa[0], f"{prefix}.self_attn.o_proj", [attn.o_proj])
         post_w = _norm_weight(g, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
         x, _, _, h = g.node("SkipSimplifiedLayerNormalization", [h, attn_out, post_w], n_out=4, domain=MS, epsilon=eps)
@@ -238,7 +249,7 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             next_w = _norm_weight(g, model.norm, "norm")
         x, _, _, h = g.node("SkipSimplifiedLayerNormalization", [h, mlp_out, next_w], n_out=4, domain=MS, epsilon=eps)
     logits = _head(g, linear, model, plan, x)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    g.rename(logits, "logits")
 
     graph = helper.make_graph(g.nodes, "mlexport_decoder", inputs, outputs, list(g.initializers.values()))
     proto = helper.make_model(
