@@ -158,6 +158,10 @@ _IDLE_PASS_TRIGGERS = {
     "DecomposeBatchNorm": ("batch_norm",),
     "Conv1dUnsqueezePass": ("convolution",),
     "PReLUReshapePass": ("prelu",),
+    "DecomposeConcatenate": ("cat",),
+    "RemoveGetItemPass": ("max_pool",),
+    "FuseActivationPass": ("relu", "hardtanh", "clamp"),
+    "DimOrderOpsRevertPass": ("dim_order",),
 }
 
 

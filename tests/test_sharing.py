@@ -98,13 +98,18 @@ def test_ls_artifact_stores_blocks_once(tmp_path: Path) -> None:
         save_hf_dir(tmp_path / f"m{sharing}", _ls_config(share_embedding=True, layer_sharing=sharing, **big))
         out = run_export(
             ExportOptions(
-                model=str(tmp_path / f"m{sharing}"), quant="4bit", out=tmp_path / f"o{sharing}", max_context=32
+                model=str(tmp_path / f"m{sharing}"),
+                quant="4bit",
+                out=tmp_path / f"o{sharing}",
+                max_context=32,
+                tie_mode="auto",
             )
         )[0]
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["accounting"]["within_slack"], manifest["accounting"]
         tie = manifest["sharing"]["tie"]
         assert (tie["mode"], tie["duplicated_bytes"], tie["auto"]["mode"]) == ("shared8", 0, "shared8")
+        assert [c["mode"] for c in tie["auto"]["candidates"]] == ["shared8", "dup4"]
         storage = manifest["storage"]
         assert storage["duplicated_bytes"] == 0
         assert storage["stored_bytes"] <= 1.03 * manifest["accounting"]["predicted_unique_bytes"]
