@@ -9,6 +9,7 @@ modules, so LS blocks stay aliased and the tied table stays one tensor (REFERENC
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -33,7 +34,8 @@ def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm that cannot overflow in fp16: scale by the row's max first (x / m has mean square <= 1)."""
     m = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
     xs = x / m
-    return norm.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + norm.eps / (m * m)))
+    # eps / m² written as (√eps / m)²: m² itself overflows fp16 once |x| > 256
+    return norm.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + (math.sqrt(norm.eps) / m) ** 2))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

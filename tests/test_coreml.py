@@ -137,6 +137,7 @@ def test_fp16_norm_does_not_overflow() -> None:
     x = torch.full((1, 1, 8), 300.0, dtype=torch.float16)
     assert torch.isinf(x.pow(2).mean(-1)).any()  # the naive form overflows
     out = _norm(norm, x)
+    assert torch.isfinite((torch.tensor(0.1).sqrt() / x.abs().amax()) ** 2)  # the eps term never goes through x²
     assert torch.isfinite(out).all() and torch.allclose(out.float(), torch.ones(1, 1, 8), atol=1e-2)
 
 
