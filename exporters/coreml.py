@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mlexport.quantize import QuantPlan
+from mlexport.quantize.algorithms import QuantizedWeight
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -105,7 +106,14 @@ def causal_mask(past: int, t: int) -> np.ndarray:
     return mask
 
 
-def convert(model: Decoder, plan: QuantPlan, log: Any, status: Any = None, palettize: int | None = None) -> Any:
+def convert(
+    model: Decoder,
+    plan: QuantPlan,
+    log: Any,
+    status: Any = None,
+    palettize: int | None = None,
+    quantized: dict[str, QuantizedWeight] | None = None,
+) -> Any:
     """Trace the stateful wrapper and convert it with coremltools; then compress weights per the plan."""
     import coremltools as ct
 
@@ -147,7 +155,10 @@ def convert(model: Decoder, plan: QuantPlan, log: Any, status: Any = None, palet
             skip_model_load=True,
         )
     with log.stage("compress"):
-        mlmodel = compress(mlmodel, plan, palettize, status)
+        if quantized and not palettize:
+            mlmodel = set_quantized_weights(mlmodel, model, plan, quantized, status)
+        else:
+            mlmodel = compress(mlmodel, plan, palettize, status)
     return mlmodel
 
 
@@ -178,6 +189,70 @@ def compress(mlmodel: Any, plan: QuantPlan, palettize: int | None, status: Any =
     return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=_weight_consts(mlmodel, op)))
 
 
+def set_quantized_weights(
+    mlmodel: Any, model: Decoder, plan: QuantPlan, quantized: dict[str, QuantizedWeight], status: Any = None
+) -> Any:
+    """Replace each weight const with ``constexpr_blockwise_shift_scale`` over our quantizer's own values (GPTQ,
+    the scale search, zero points): the same integers and scales the eager reference runs, not coremltools' RTN.
+    Every planned tensor must find its const; anything left over is an error, not a silently float weight."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.models.utils import _apply_graph_pass
+    from mlexport.quantize.calibrate import quantize_one
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_flat = {("model_" + n).replace(".", "_"): n for n in params}
+    quantized = dict(quantized)
+    for name, q in plan.tensors.items():  # tensors the plan leaves to RTN get RTN values on the same path
+        if q.bits in (4, 8) and not q.shares and name not in quantized:
+            quantized[name] = quantize_one(params[name].detach().float(), q, None)
+    done: set[str] = set()
+
+    class SetQuantized(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            for function in prog.functions.values():
+                with function:
+                    for op in list(function.operations):
+                        if op.op_type != "const" or op.outputs[0].val is None or np.ndim(op.outputs[0].val) != 2:
+                            continue
+                        base = _SUFFIXES.sub("", op.name)
+                        name = by_flat.get(base) or by_flat.get(base + "_weight")
+                        q = plan.tensors.get(name) if name else None
+                        if q is None or q.bits not in (4, 8):
+                            continue
+                        owner = q.shares or name
+                        qw = quantized[owner]
+                        if tuple(qw.qdata.shape) != tuple(op.outputs[0].shape):
+                            raise MlexportError(
+                                f"{name}: const {op.name} has shape {op.outputs[0].shape}, "
+                                f"quantized values {tuple(qw.qdata.shape)}"
+                            )
+                        int_type = types.np_int4_dtype if qw.bits == 4 else np.int8
+                        new = mb.constexpr_blockwise_shift_scale(
+                            data=qw.qdata.numpy().astype(int_type),
+                            scale=qw.scale.numpy().astype(op.outputs[0].val.dtype),
+                            offset=None if qw.zero_point is None else qw.zero_point.numpy().astype(int_type),
+                            before_op=op,
+                            name=op.name + "_quantized",
+                        )
+                        op.enclosing_block.replace_uses_of_var_after_op(
+                            anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
+                        )
+                        op.enclosing_block.remove_ops([op])
+                        done.update({owner, name})
+
+    if status:
+        status("setting quantized weights (constexpr_blockwise_shift_scale)")
+    import coremltools as ct
+
+    result = _apply_graph_pass(mlmodel, SetQuantized(), spec_version=ct.target.iOS18, skip_model_load=True)
+    missing = [n for n, q in plan.tensors.items() if q.bits in (4, 8) and n not in done]
+    if missing:
+        raise MlexportError(f"{len(missing)} planned tensors have no Core ML weight const: {missing[:4]}")
+    return result
+
+
 def _weight_consts(mlmodel: Any, config: Any) -> dict[str, Any]:
     """Compress only the weights (consts read by linear layers and the embedding gather), never the RoPE tables
     or other constants a global config would also quantize."""
@@ -205,10 +280,16 @@ def metadata(spec: ModelSpec, max_context: int, plan: QuantPlan) -> dict[str, st
 
 
 def export_mlpackage(
-    model: Decoder, plan: QuantPlan, out_dir: Path, log: Any, status: Any = None, palettize: int | None = None
+    model: Decoder,
+    plan: QuantPlan,
+    out_dir: Path,
+    log: Any,
+    status: Any = None,
+    palettize: int | None = None,
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/model.mlpackage``; return a report with the MIL ops the program uses."""
-    mlmodel = convert(model, plan, log, status, palettize)
+    mlmodel = convert(model, plan, log, status, palettize, quantized)
     for key, value in metadata(model.spec, model.max_context, plan).items():
         mlmodel.user_defined_metadata[key] = value
     mlmodel.short_description = "mlexport decoder: input_ids + causal_mask -> logits, stateful KV cache"

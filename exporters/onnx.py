@@ -81,13 +81,15 @@ class LinearWriter:
 
     def packed_nbits(
         self, key: str, names: list[str], weights: list[torch.Tensor], serves: list[str] | None = None
-    ) -> tuple[str, str, int, int, int]:
-        """(B, scales, bits, block, N) for the row-concatenation of ``weights`` (one packed QKV, or a single one)."""
+    ) -> tuple[str, str, str | None, int, int, int]:
+        """(B, scales, zero points or None, bits, block, N) for the row-concatenation of ``weights`` (one packed
+        QKV, or a single one). Zero points are uint8, shifted like B, two 4-bit ones to a byte, padded per row."""
         parts = [_intx_parts(w, n) for w, n in zip(weights, names, strict=True)]
         bits = {p[2] for p in parts}
         blocks = {p[3] for p in parts}
-        if len(bits) != 1 or len(blocks) != 1:
-            raise MlexportError(f"cannot pack {names}: mixed quantization {bits} / {blocks}")
+        asym = {p[4] is not None for p in parts}
+        if len(bits) != 1 or len(blocks) != 1 or len(asym) != 1:
+            raise MlexportError(f"cannot pack {names}: mixed quantization {bits} / {blocks} / zero points {asym}")
         q = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts]).astype(np.float32)
         bit, block = bits.pop(), blocks.pop()
@@ -97,7 +99,15 @@ class LinearWriter:
             u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
         b = self.g.const(f"{key}.qweight", u, serves or names)
         s = self.g.const(f"{key}.scales", scale.reshape(n, k // block), serves or names)
-        return b, s, bit, block, n
+        zp = None
+        if asym.pop():
+            z = (np.concatenate([p[4] for p in parts]).astype(np.int16) + (1 << (bit - 1))).astype(np.uint8)
+            if bit == 4:
+                if z.shape[1] % 2:
+                    z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+                z = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+            zp = self.g.const(f"{key}.zero_points", z, serves or names)
+        return b, s, zp, bit, block, n
 
     def apply(self, x: str, key: str, modules: list[nn.Linear]) -> str:
         """x @ W.T (+ bias) for the row-concatenation of ``modules``' weights; one initializer per stored tensor."""
@@ -116,10 +126,10 @@ class LinearWriter:
                 w_name = self.g.node("Cast", [w_name], to=1)  # constant-folded once at session load
             y = self.g.node("MatMul", [x, w_name])
         else:
-            b, s, bits, block, n = self.packed_nbits(key, names, weights)
+            b, s, zp, bits, block, n = self.packed_nbits(key, names, weights)
             y = self.g.node(
                 "MatMulNBits",
-                [x, b, s],
+                [x, b, s, *([zp] if zp else [])],
                 domain=MS,
                 K=k,
                 N=n,
@@ -135,19 +145,23 @@ class LinearWriter:
         return y
 
 
+def _pack_key(q: Any) -> tuple:
+    return (q.scheme, q.bits, q.group_size, q.asymmetric) if q is not None else ()
+
+
 def _fqn(module: nn.Module) -> str:
     return getattr(module, "_mlexport_fqn", "?") + ".weight"
 
 
-def _intx_parts(weight: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(int values [N, K], scales [N, K/block], bits, block) from torchao's unpacked intx tensor."""
+def _intx_parts(weight: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray | None]:
+    """(int values [N, K], scales [N, K/block], bits, block, zero points [N, K/block] or None) from torchao's
+    unpacked intx tensor."""
     data = weight.data if isinstance(weight, nn.Parameter) else weight
     qdata, scale = getattr(data, "qdata", None), getattr(data, "scale", None)
     if qdata is None or scale is None:
         raise MlexportError(f"{name} is not a torchao intx tensor ({type(data).__name__}); cannot map it to ONNX")
     zero = getattr(data, "zero_point", None)
-    if zero is not None and torch.count_nonzero(zero):
-        raise MlexportError(f"{name} has zero points; the ONNX mapping here is symmetric only")
+    zero = zero.to(torch.int8).reshape(scale.shape[0], -1).numpy() if zero is not None and zero.any() else None
     bits = {torch.int4: 4, torch.int8: 8}.get(data.target_dtype)
     if bits is None:
         raise MlexportError(f"{name}: {data.target_dtype} has no MatMulNBits mapping")
@@ -158,7 +172,7 @@ def _intx_parts(weight: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray
             f"{name}: block {block} is not a power of two >= 16 (per-channel); ONNX MatMulNBits needs blocks. "
             "Plan it with per_channel_int8=False"
         )
-    return qdata.to(torch.int8).numpy(), scale.float().reshape(n, k // block).numpy(), bits, block
+    return qdata.to(torch.int8).numpy(), scale.float().reshape(n, k // block).numpy(), bits, block, zero
 
 
 def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> tuple[Any, dict]:
@@ -213,9 +227,14 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
         attn = block.self_attn
         prefix = f"layers.{block_idx}"
         heads, kv = attn.n_heads, attn.n_kv
-        if attn.q_norm is None:
+        qkv_plans = {_pack_key(plan.tensors.get(f"{prefix}.self_attn.{p}_proj.weight")) for p in "qkv"}
+        if attn.q_norm is None and len(qkv_plans) == 1:
             qkv = linear.apply(x, f"{prefix}.self_attn.qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
             q, k, v = qkv, "", ""
+        elif attn.q_norm is None:  # mixed precision (e.g. an 8-bit v_proj): one MatMulNBits per projection
+            q = linear.apply(x, f"{prefix}.self_attn.q_proj", [attn.q_proj])
+            k = linear.apply(x, f"{prefix}.self_attn.k_proj", [attn.k_proj])
+            v = linear.apply(x, f"{prefix}.self_attn.v_proj", [attn.v_proj])
         else:  # QK-norm sits between the projections and the rotary embedding: no packed QKV
             q = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.q_proj", [attn.q_proj]), attn.q_norm, hd, eps)
             k = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.k_proj", [attn.k_proj]), attn.k_norm, hd, eps)
@@ -294,14 +313,14 @@ def _embedding(g: GraphWriter, model: Decoder, plan: QuantPlan) -> str:
     owner = q.shares or "embed_tokens.weight"
     key = owner.removesuffix(".weight")
     w = model.lm_head.weight if q.shares == "lm_head.weight" else model.embed_tokens.weight
-    b, s, bits, block, n = linear.packed_nbits(key, [owner], [w], _uses(model, owner))
+    b, s, zp, bits, block, n = linear.packed_nbits(key, [owner], [w], _uses(model, owner))
     dim = model.spec.dim
     flat = g.node(
         "Reshape", [b, g.const(f"const.shape.{n}x{dim * bits // 8}", np.array([n, dim * bits // 8], np.int64))]
     )
     return g.node(
         "GatherBlockQuantized",
-        [flat, "input_ids", s],
+        [flat, "input_ids", s, *([zp] if zp else [])],
         domain=MS,
         gather_axis=0,
         quantize_axis=1,
@@ -331,10 +350,10 @@ def _head(g: GraphWriter, linear: LinearWriter, model: Decoder, plan: QuantPlan,
     owner = q.shares or "lm_head.weight"
     key = owner.removesuffix(".weight")
     w = model.embed_tokens.weight if q.shares == "embed_tokens.weight" else model.lm_head.weight
-    b, s, bits, block, n = linear.packed_nbits(key, [owner], [w], _uses(model, owner))
+    b, s, zp, bits, block, n = linear.packed_nbits(key, [owner], [w], _uses(model, owner))
     return g.node(
         "MatMulNBits",
-        [x, b, s],
+        [x, b, s, *([zp] if zp else [])],
         domain=MS,
         K=model.spec.dim,
         N=n,

@@ -73,6 +73,24 @@ def export(
         "dup4 (4-bit, stored twice, executorch) | auto (score the target's layouts on the built-in corpus; keep "
         "the smaller one that drifts no more than 10% over the best)",
     ),
+    quantizer: str = typer.Option(
+        "auto",
+        "--quantizer",
+        help="auto (gptq at 4 bits, rtn at 8) | rtn (round to nearest) | search (per-group clipping search, no "
+        "data) | gptq (calibrated on text; results cached per model, plan and text)",
+    ),
+    asymmetric: bool = typer.Option(
+        False, "--asymmetric", help="4-bit zero point per group (onnx, coreml; XNNPACK is symmetric only)"
+    ),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help="UTF-8 text for GPTQ [default: Python's bundled reference-manual topics]"
+    ),
+    size_budget: float | None = typer.Option(
+        None,
+        "--size-budget",
+        help="4-bit only: total MB the artifact may grow to by keeping the most sensitive tensors at 8 bits "
+        "[default: 2.5% over all-4-bit; 0 = no mixed precision]",
+    ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -80,7 +98,20 @@ def export(
     from mlexport.pipeline import ExportOptions, run_export, validate_options
 
     opts = ExportOptions(
-        model, target, quant, output, force, max_context, group_size, tie_mode, accuracy_level, palettize
+        model,
+        target,
+        quant,
+        output,
+        force,
+        max_context,
+        group_size,
+        tie_mode,
+        accuracy_level,
+        palettize,
+        quantizer,
+        asymmetric,
+        calibration,
+        size_budget,
     )
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()
@@ -90,6 +121,9 @@ def export(
         last = {"text": "", "t": time.perf_counter()}
 
         def status(text: str) -> None:
+            if text.startswith("progress:"):  # a count inside the current step: update it, no new line
+                bar.update(task, description=text.removeprefix("progress:"))
+                return
             if text.startswith("warning:"):
                 bar.console.print(f"[yellow]{text}[/]")
                 return
@@ -276,6 +310,8 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "files": manifest["files"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"]),
         "quant_plan": QuantPlan.from_dict(manifest["quant_plan"]).summary(),
+        "calibration": manifest["quant_plan"].get("calibration"),
+        "mixed_precision": _mixed_summary(manifest["quant_plan"].get("mixed")),
         "warnings": manifest.get("warnings", []),
         "delegation": manifest.get("delegation"),
         "tie": manifest.get("sharing", {}).get("tie"),
@@ -283,6 +319,17 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "blob_accounting": blob_accounting,
         "duplicated_bytes": storage["duplicated_bytes"],
         "blobs": storage["blobs"],
+    }
+
+
+def _mixed_summary(mixed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The 8-bit upgrades, most sensitive first, in a form a reader can scan."""
+    if not mixed:
+        return None
+    return {
+        "budget_mb": round(mixed["budget_bytes"] / 1e6, 2),
+        "spent_mb": round(mixed["spent_bytes"] / 1e6, 2),
+        "at_8bit": [u["tensor"] for u in mixed["upgrades"]],
     }
 
 

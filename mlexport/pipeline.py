@@ -5,6 +5,7 @@ Each stage hands a plain object to the next; this module only sequences them, ti
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -37,6 +38,7 @@ TARGET_PRESETS = {"executorch": PRESETS, "onnx": PRESETS, "coreml": PRESETS}
 SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 4, 8: 4}, "coreml": {4: 2, 8: 2}}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
+MIXED_SLACK = 0.025  # default 4-bit size budget: 2.5% over all-4-bit, spent on the most sensitive tensors
 
 Status = Callable[[str], None]
 
@@ -53,6 +55,10 @@ class ExportOptions:
     tie_mode: str = "default"  # the target's first layout (TARGET_TIE_MODES); "auto" measures them
     accuracy_level: int = 4  # ONNX MatMulNBits: 4 = int8 activations (fast), 0 = fp32 activations (exact)
     palettize: int | None = None  # Core ML: N-bit k-means palette instead of linear quantization
+    quantizer: str = "auto"  # rtn | search | gptq; auto = gptq for 4-bit (rtn at 8 bits, where it is enough)
+    asymmetric: bool = False  # 4-bit zero points (ONNX MatMulNBits, Core ML); XNNPACK is symmetric only
+    calibration: Path | None = None  # GPTQ calibration text; None = the built-in one
+    size_budget_mb: float | None = None  # 4-bit mixed precision cap; None = MIXED_SLACK over all-4-bit; 0 = off
 
 
 def model_label(source: str) -> str:
@@ -85,6 +91,16 @@ def validate_options(opts: ExportOptions) -> list[str]:
         raise MlexportError("--palettize takes 1, 2, 3, 4, 6 or 8 bits and applies to --target coreml only")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
+    if opts.asymmetric and "executorch" in targets:
+        raise MlexportError(
+            "--asymmetric: XNNPACK runs symmetric 4-bit weights only; drop the flag for --target executorch"
+        )
+    if opts.quantizer not in ("auto", "rtn", "search", "gptq"):
+        raise MlexportError(f"unknown --quantizer {opts.quantizer!r}; choose one of auto, rtn, search, gptq")
+    if opts.calibration is not None and not opts.calibration.is_file():
+        raise MlexportError(f"--calibration {opts.calibration} does not exist; pass a UTF-8 text file or omit it")
+    if opts.size_budget_mb is not None and opts.size_budget_mb < 0:
+        raise MlexportError("--size-budget takes megabytes (> 0), or 0 to turn mixed precision off")
     if opts.max_context < 16:
         raise MlexportError("--max-context must be at least 16")
     if opts.out is not None and len(targets) > 1:
@@ -130,14 +146,21 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         backend = "executorch" if target == "executorch" else "torch"
         model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend=backend)
         sharing = build_sharing_plan(model, spec.layer_map)
-        plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, per_channel_int8=target != "onnx")
+        method = choose_quantizer(opts, loaded)
+        plan = plan_quantization(
+            model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, opts.asymmetric
+        )
+        if method != opts.quantizer and opts.quantizer != "auto":
+            plan.notes.append(f"--quantizer {opts.quantizer} needs a tokenizer for calibration: used {method}")
         if target == "coreml":
             plan = weight_only(plan)
+        plan = mixed_precision(model, plan, loaded, opts, target, say, log)
         predicted = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])
-        if target != "coreml":  # coremltools compresses the converted program itself (same plan, its quantizer)
-            say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
-            with log.stage("quantize"):
-                apply_plan(model, plan)
+        say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
+        with log.stage("quantize"):
+            quantized = compute_quantized(model, plan, loaded, opts.calibration, say)
+            if target != "coreml":  # Core ML gets the values at compression time, after conversion
+                apply_plan(model, plan, quantized)
         if target == "executorch":
             from mlexport.exporters.executorch import export_pte
 
@@ -151,7 +174,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         elif target == "coreml":
             from mlexport.exporters.coreml import export_mlpackage
 
-            report = export_mlpackage(model, plan, tmp, log, say, palettize=opts.palettize)
+            report = export_mlpackage(model, plan, tmp, log, say, palettize=opts.palettize, quantized=quantized)
         else:  # guarded by validate_options
             raise MlexportError(f"target {target!r} is not available")
         storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)
@@ -192,14 +215,78 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
 
 def weight_only(plan: Any) -> Any:
     """Core ML runs weights-only quantization with fp16 activations: say so in the plan instead of pretending."""
-    from mlexport.quantize import TensorQuant
-
     for name, q in plan.tensors.items():
         if q.scheme.endswith("_dynact"):
-            plan.tensors[name] = TensorQuant(
-                q.scheme.replace("_dynact", "_weight"), q.bits, q.group_size, q.note, q.shares
-            )
+            plan.tensors[name] = dataclasses.replace(q, scheme=q.scheme.replace("_dynact", "_weight"))
     return plan
+
+
+def choose_quantizer(opts: ExportOptions, loaded: LoadedModel) -> str:
+    """``auto``: GPTQ at 4 bits (RTN loses most at 4 bits on small models), RTN at 8. GPTQ calibrates on text, so
+    a model without a tokenizer gets the data-free scale search instead (recorded in the plan's notes)."""
+    wanted = opts.quantizer
+    if wanted == "auto":
+        wanted = "gptq" if opts.quant == "4bit" else "rtn"
+    if wanted == "gptq" and loaded.tokenizer_dir is None:
+        return "search"
+    return wanted
+
+
+def mixed_precision(
+    model: Any, plan: Any, loaded: LoadedModel, opts: ExportOptions, target: str, say: Status, log: StageLog
+) -> Any:
+    """4-bit plans: spend the size budget on 8-bit copies of the tensors whose quantization costs the most KLD per
+    byte (measured one tensor at a time on the calibration text). The choice goes into the plan (``mixed``)."""
+    from mlexport.quantize.calibrate import sensitivity_cached
+    from mlexport.quantize.sensitivity import choose_upgrades
+
+    if opts.quant != "4bit" or opts.size_budget_mb == 0:
+        return plan
+    if loaded.tokenizer_dir is None:
+        plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
+        return plan
+    base = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])["total"]
+    cap = opts.size_budget_mb * 1e6 if opts.size_budget_mb else base * (1 + MIXED_SLACK)
+    budget = int(cap - base)
+    if budget <= 0:
+        plan.notes.append(f"--size-budget {cap / 1e6:.1f} MB is below the all-4-bit size {base / 1e6:.1f} MB")
+        return plan
+    say("measuring each tensor's sensitivity (KLD with only it at 4 bits)")
+
+    def progress(done: int, total: int) -> None:
+        say(f"progress:sensitivity: tensor {done}/{total}")
+
+    with log.stage("sensitivity"):
+        sensitivity = sensitivity_cached(
+            model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, progress
+        )
+    int8_group = opts.group_size if target == "onnx" else None
+    mixed, upgrades = choose_upgrades(model, plan, sensitivity, budget, SCALE_BYTES[target], int8_group)
+    mixed.mixed = {
+        "rule": "greedy by KLD-alone-at-4-bit per extra byte, within the budget",
+        "budget_bytes": budget,
+        "cap_bytes": int(cap),
+        "spent_bytes": sum(int(u["extra_bytes"]) for u in upgrades),
+        "sensitivity_sum": round(sum(sensitivity.values()), 6),
+        "upgrades": upgrades,
+    }
+    say(f"mixed precision: {len(upgrades)} tensors at 8 bits (+{mixed.mixed['spent_bytes'] / 1e6:.2f} MB)")
+    return mixed
+
+
+def compute_quantized(
+    model: Any, plan: Any, loaded: LoadedModel, calibration: Path | None, say: Status
+) -> dict[str, Any]:
+    """Run the plan's quantizers (GPTQ with a progress count); cached per model, plan and calibration text."""
+    from mlexport.quantize.calibrate import prepare
+
+    if any(q.method == "gptq" for q in plan.tensors.values()):
+        say("GPTQ: calibrating block by block")
+
+    def progress(done: int, total: int) -> None:
+        say(f"progress:GPTQ: block {done}/{total}")
+
+    return prepare(model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, calibration, progress)
 
 
 def _default_tie_mode(requested: str, target: str) -> str:

@@ -114,7 +114,10 @@ def predicted_bytes(model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, in
         if q.shares:
             continue
         shape = shapes[name]
-        planned += tensor_bytes(int(torch.Size(shape).numel()), int(shape[0]), q.scheme, q.group_size, scale_bytes)
+        numel = int(torch.Size(shape).numel())
+        planned += tensor_bytes(numel, int(shape[0]), q.scheme, q.group_size, scale_bytes)
+        if q.asymmetric:  # one 4-bit zero point per group, two to a byte (MatMulNBits, Core ML uint4 offsets)
+            planned += (numel // (q.group_size or int(shape[1])) + 1) // 2
     float_bytes = 0
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -34,6 +34,8 @@ class TensorQuant:
     group_size: int | None = None
     note: str | None = None
     shares: str | None = None  # this use reads another tensor's quantized bytes (quantized once, stored once)
+    method: str = "rtn"  # "rtn" | "search" | "gptq" (mlexport.quantize.algorithms)
+    asymmetric: bool = False  # integer zero point per group
 
 
 @dataclass
@@ -43,6 +45,8 @@ class QuantPlan:
     tie_mode: str | None = None
     tensors: dict[str, TensorQuant] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # the text GPTQ saw (name, sha256, tokens)
+    mixed: dict[str, Any] | None = None  # sensitivity-driven 8-bit upgrades: budget and the tensors chosen
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +54,8 @@ class QuantPlan:
             "dtype": self.dtype,
             "tie_mode": self.tie_mode,
             "notes": self.notes,
+            "calibration": self.calibration,
+            "mixed": self.mixed,
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
 
@@ -62,12 +68,16 @@ class QuantPlan:
             tie_mode=raw.get("tie_mode"),
             tensors={k: TensorQuant(**v) for k, v in raw["tensors"].items()},
             notes=raw.get("notes", []),
+            calibration=raw.get("calibration"),
+            mixed=raw.get("mixed"),
         )
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for q in self.tensors.values():
             key = q.scheme if q.group_size is None else f"{q.scheme}/g{q.group_size}"
+            if q.bits < 16 and not q.shares:
+                key += f" {q.method}{' asym' if q.asymmetric else ''}"
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -88,13 +98,21 @@ def plan_quantization(
     group_size: int = DEFAULT_GROUP_SIZE,
     tie_mode: str = "shared8",
     per_channel_int8: bool = True,
+    method: str = "rtn",
+    asymmetric: bool = False,
 ) -> QuantPlan:
     """Decide the scheme of every Linear and Embedding weight in ``model`` for a preset.
 
     A group size that does not divide a Linear's ``in_features`` is lowered to the largest valid one and the
     change is recorded; with none valid, that Linear falls back to per-channel, also recorded. int8 tensors are
     per-channel unless ``per_channel_int8`` is False (ONNX MatMulNBits needs power-of-two blocks).
+    ``method`` (rtn | search | gptq) picks the quantizer of every stored tensor; ``asymmetric`` gives the 4-bit
+    tensors a zero point per group.
     """
+    from mlexport.quantize.algorithms import METHODS
+
+    if method not in METHODS:
+        raise MlexportError(f"unknown --quantizer {method!r}; choose one of {', '.join(METHODS)}")
     if preset not in PRESETS:
         raise MlexportError(f"unknown --quant {preset!r}; choose one of {', '.join(PRESETS)}")
     if tie_mode not in TIE_MODES:
@@ -138,4 +156,9 @@ def plan_quantization(
         if note:
             plan.notes.append(f"{key}: {note}")
         plan.tensors[key] = TensorQuant(scheme="int4_dynact", bits=4, group_size=group, note=note)
+    for key, q in plan.tensors.items():
+        if q.bits in (4, 8) and not q.shares:
+            # an int8 embedding table has no input statistics and next to no rounding error: RTN is its optimum
+            q.method = "rtn" if (q.bits == 8 and key == "embed_tokens.weight") else method
+            q.asymmetric = asymmetric and q.bits == 4
     return plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from mlexport.quantize import QuantPlan, TensorQuant
+from mlexport.quantize.algorithms import QuantizedWeight
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -31,16 +32,28 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(data) is not torch.Tensor
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
-    """Quantize in place, one torchao call per distinct config, then prove every planned tensor was quantized."""
+def apply_plan(model: nn.Module, plan: QuantPlan, quantized: dict[str, QuantizedWeight] | None = None) -> nn.Module:
+    """Quantize in place, then prove every planned tensor was quantized.
+
+    Tensors in ``quantized`` (our own quantizers' values) become torchao tensors holding exactly those values; the
+    rest go through torchao's round-to-nearest, one ``quantize_`` call per distinct config.
+    """
     from torchao.quantization import quantize_
 
     if plan.dtype == "fp16":
         model.half()
+    quantized = quantized or {}
+    modules = dict(model.named_modules())
     by_config: dict[tuple, list[str]] = {}
     for name, q in plan.tensors.items():
         if q.scheme in ("fp32", "fp16") or q.shares:
             continue
+        if name in quantized:
+            module = modules[name.removesuffix(".weight")]
+            module.weight = nn.Parameter(to_torchao(quantized[name], q, module.weight.dtype), requires_grad=False)
+            continue
+        if q.method != "rtn" or q.asymmetric:
+            raise MlexportError(f"{name}: the plan asks for {q.method} quantization, but no values were computed")
         by_config.setdefault((q.scheme, q.group_size), []).append(name.removesuffix(".weight"))
     for (scheme, group), names in by_config.items():
         wanted = set(names)
@@ -49,7 +62,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
             _config(TensorQuant(scheme=scheme, bits=0, group_size=group)),
             filter_fn=lambda mod, fqn, wanted=wanted: fqn in wanted,
         )
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # quantize_ replaced some modules' weights
     for name, q in plan.tensors.items():
         if q.shares:
             _share_quantized(modules[name.removesuffix(".weight")], modules[q.shares.removesuffix(".weight")], q)
@@ -61,6 +74,28 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     if left:
         raise MlexportError(f"{len(left)} tensors stayed float although the plan quantizes them: {left[:4]}")
     return model
+
+
+def to_torchao(qw: QuantizedWeight, q: TensorQuant, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's unpacked intx tensor over our values: what ExecuTorch lowers and the eager reference runs."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    dynamic = (
+        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if q.scheme.endswith("dynact") else None
+    )
+    zero = qw.zero_point if qw.zero_point is not None else torch.zeros_like(qw.scale, dtype=torch.int8)
+    return IntxUnpackedToInt8Tensor(
+        qw.qdata,
+        qw.scale.to(dtype),
+        zero,
+        torch.int4 if qw.bits == 4 else torch.int8,
+        (1, qw.group_size),
+        dtype,
+        dynamic,
+    )
 
 
 def _share_quantized(user: nn.Module, owner: nn.Module, q: TensorQuant) -> None:

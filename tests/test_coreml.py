@@ -96,7 +96,10 @@ def test_int4_program_state_and_storage(exported: dict, models: dict[str, Path])
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert "constexpr_blockwise_shift_scale" in manifest["delegation"]["ops"]
     assert manifest["quant_plan"]["tie_mode"] == "shared4"
-    assert {q["scheme"] for q in manifest["quant_plan"]["tensors"].values()} == {"int4_weight"}
+    plan = manifest["quant_plan"]
+    upgraded = {u["tensor"] for u in plan["mixed"]["upgrades"]}  # mixed precision: the most sensitive at 8 bits
+    assert {n for n, q in plan["tensors"].items() if q["scheme"] == "int8_weight"} == upgraded
+    assert {q["scheme"] for n, q in plan["tensors"].items() if n not in upgraded} == {"int4_weight"}
     blobs = manifest["storage"]["blobs"]
     tie = [b for b in blobs if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
     assert len(tie) == 2  # int4 data + fp16 scales, once, for the gather and the head

@@ -108,6 +108,8 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"])
     tensors = manifest["quant_plan"]["tensors"]
     assert {q["scheme"] for q in tensors.values()} == {"int4_dynact", "int8_weight", "int8_dynact"}
+    upgraded = [u["tensor"] for u in manifest["quant_plan"]["mixed"]["upgrades"]]
+    assert upgraded and all(tensors[n]["scheme"] == "int8_dynact" and tensors[n]["method"] == "gptq" for n in upgraded)
     assert (
         tensors["lm_head.weight"]["shares"] == "embed_tokens.weight" and manifest["quant_plan"]["tie_mode"] == "shared8"
     )
@@ -123,7 +125,13 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
         [sys.executable, "-m", "mlexport.cli", "inspect", str(artifact), "--json"], capture_output=True, text=True
     )
     info = json.loads(shown.stdout)
-    assert info["quant_plan"] == {"int4_dynact/g32": 14, "int8_dynact": 1, "int8_weight": 1}
+    assert info["quant_plan"] == {
+        "int4_dynact/g32 gptq": 14 - len(upgraded),
+        "int8_dynact gptq": len(upgraded),  # mixed precision: the most sensitive tensors per byte
+        "int8_dynact": 1,  # the tied head, reading the embedding's int8 table
+        "int8_weight rtn": 1,
+    }
+    assert info["mixed_precision"]["at_8bit"] == upgraded and info["calibration"]["name"] == "python-pydoc-topics"
     assert info["accounting"]["within_slack"] and info["tie"]["mode"] == "shared8"
     assert info["tie"]["auto"] is None  # the default layout is fixed; --tie-mode auto is measured (test_sharing)
     # The blob map read back from the files: the tie is one blob serving both uses, nothing duplicated.

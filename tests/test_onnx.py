@@ -68,9 +68,13 @@ def test_fp32_onnx_matches_eager(name: str, models: dict[str, Path], tmp_path: P
     assert np.abs(_artifact_logits(artifact) - ref).max() <= 1e-3
 
 
-def test_int4_onnx_matches_the_same_dequantized_weights(models: dict[str, Path], tmp_path: Path) -> None:
-    """accuracy_level 0 (fp32 activations): only summation order differs from PyTorch on the dequantized weights."""
-    artifact = _export(models["llama"], tmp_path / "q4", "4bit", accuracy_level=0)
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_int4_onnx_matches_the_same_dequantized_weights(
+    asymmetric: bool, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """accuracy_level 0 (fp32 activations): only summation order differs from PyTorch on the dequantized weights.
+    With zero points this covers MatMulNBits' and GatherBlockQuantized's packed uint4 zero-point layout."""
+    artifact = _export(models["llama"], tmp_path / "q4", "4bit", accuracy_level=0, asymmetric=asymmetric)
     manifest = json.loads((artifact / "manifest.json").read_text())
     loaded = load_model(str(models["llama"]))
     reference = quantized_reference(loaded, manifest, max_context=64)
@@ -81,7 +85,7 @@ def test_int4_onnx_matches_the_same_dequantized_weights(models: dict[str, Path],
     got, want = _artifact_logits(artifact), _eager(reference)
     assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
     # The default accuracy level 4 quantizes activations to int8 inside MatMulNBits: close, not exact.
-    fast = _artifact_logits(_export(models["llama"], tmp_path / "q4fast", "4bit"))
+    fast = _artifact_logits(_export(models["llama"], tmp_path / "q4fast", "4bit", asymmetric=asymmetric))
     assert (fast.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 

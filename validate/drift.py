@@ -89,14 +89,17 @@ def fp32_reference(loaded: LoadedModel, max_context: int) -> torch.nn.Module:
 
 
 def quantized_reference(loaded: LoadedModel, manifest: dict[str, Any], max_context: int) -> torch.nn.Module:
-    """PyTorch running the artifact's own quantization plan (torchao, eager)."""
+    """PyTorch running the artifact's own quantization plan (torchao, eager), with the same quantizer's values
+    (GPTQ re-runs on the recorded calibration text, or comes from the export's cache)."""
+    from mlexport.quantize.calibrate import prepare
     from mlexport.quantize.torchao_map import apply_plan
 
     plan = QuantPlan.from_dict(manifest["quant_plan"])
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=max_context)
     if plan.preset == "fp32":
         return model
-    return apply_plan(model, plan)
+    quantized = prepare(model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir)
+    return apply_plan(model, plan, quantized)
 
 
 def compare(ref: np.ndarray, test: np.ndarray, targets: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -1,0 +1,171 @@
+"""Weight quantizers, target-agnostic: round-to-nearest, an error-minimizing scale search, and GPTQ.
+
+Each returns a ``QuantizedWeight`` (integer values, per-group scales, optional zero points); the exporters map that
+onto what their runtime executes. Grids are signed, ``[-2^(b-1), 2^(b-1) - 1]``, and dequantize as
+``scale * (q - zero)`` (zero is 0 for symmetric), which is torchao's, MatMulNBits' (after a +2^(b-1) shift) and
+Core ML's ``constexpr_blockwise_shift_scale`` convention alike.
+
+Why these three: RTN is the baseline every runtime reproduces; the scale search lowers the error of each group for
+free (no data), which matters most when the weights already sit on another grid (a re-quantized GGUF); GPTQ uses
+calibration activations to push each column's rounding error onto the columns not yet quantized, weighted by the
+inputs' second moments (Frantar et al., 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("rtn", "search", "gptq")
+# Clipping ratios the scale search tries: the group's range times r. Below ~0.6 the clipping never pays at 4 bits.
+SEARCH_RATIOS = torch.linspace(1.0, 0.6, 41).tolist()
+SEARCH_CHUNK = 1 << 24  # elements per batched step of the search
+
+
+@dataclass
+class QuantizedWeight:
+    """``weight ≈ scale * (qdata - zero_point)`` per group of ``group_size`` input columns."""
+
+    qdata: torch.Tensor  # int8 [N, K], values in [qmin, qmax]
+    scale: torch.Tensor  # float32 [N, K // group]
+    zero_point: torch.Tensor | None  # int8 [N, K // group] (asymmetric) or None (symmetric)
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        zero = 0 if self.zero_point is None else _expand(self.zero_point.float(), self.group_size)
+        return (self.qdata.float() - zero) * _expand(self.scale, self.group_size)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
+    return per_group.repeat_interleave(group, dim=-1)
+
+
+def _params(
+    w: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of ``w`` [..., G] for its range shrunk by ``ratio``; zero is 0 when symmetric."""
+    qmin, qmax = qrange(bits)
+    if symmetric:
+        amax = w.abs().amax(dim=-1) * ratio  # ratio: a float or a tensor broadcasting over leading dims
+        scale = (amax / ((qmax - qmin) / 2)).clamp(min=1e-10)  # torchao's symmetric choice: amax / 7.5 at 4 bits
+        return scale, torch.zeros_like(scale)
+    lo = (w.amin(dim=-1).clamp(max=0)) * ratio
+    hi = (w.amax(dim=-1).clamp(min=0)) * ratio
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-10)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], qmin, qmax)
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"group {group} does not divide {k} input columns")
+    return w.float().reshape(n, k // group, group)
+
+
+def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, symmetric: bool):  # noqa: ANN202
+    n = q.shape[0]
+    return QuantizedWeight(
+        qdata=q.reshape(n, -1).to(torch.int8),
+        scale=scale.reshape(n, -1).float(),
+        zero_point=None if symmetric else zero.reshape(n, -1).to(torch.int8),
+        bits=bits,
+        group_size=group,
+    )
+
+
+def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool = True) -> QuantizedWeight:
+    """Round to nearest over each group's full range (the baseline; torchao's grid when symmetric)."""
+    g = _grouped(w, group)
+    scale, zero = _params(g, bits, symmetric)
+    return _pack(_round(g, scale, zero, bits), scale, zero, bits, group, symmetric)
+
+
+def search(
+    w: torch.Tensor, bits: int, group: int, symmetric: bool = True, importance: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Per group, the clipping ratio with the least (importance-weighted) squared error. No calibration data needed;
+    ``importance`` [K] (e.g. the inputs' mean squares) makes the error the one the layer's output sees."""
+    g = _grouped(w, group)
+    weight = torch.ones(1) if importance is None else _grouped(importance.reshape(1, -1).float(), group)
+    ratios = torch.tensor(SEARCH_RATIOS).reshape(-1, 1, 1)
+    rows = max(1, SEARCH_CHUNK // (len(SEARCH_RATIOS) * g.shape[1] * group))
+    scales, zeros = [], []
+    for start in range(0, g.shape[0], rows):  # all ratios at once, a slice of rows at a time (bounded memory)
+        part = g[start : start + rows]
+        scale, zero = _params(part.unsqueeze(0), bits, symmetric, ratios)  # [R, rows, G]
+        q = _round(part.unsqueeze(0), scale, zero, bits)
+        err = (((q - zero[..., None]) * scale[..., None] - part) ** 2 * weight).sum(-1)
+        best = err.argmin(dim=0, keepdim=True)
+        scales.append(scale.gather(0, best)[0])
+        zeros.append(zero.gather(0, best)[0])
+    scale, zero = torch.cat(scales), torch.cat(zeros)
+    return _pack(_round(g, scale, zero, bits), scale, zero, bits, group, symmetric)
+
+
+def gptq(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group: int,
+    symmetric: bool = True,
+    damp: float = 0.01,
+    block: int = 128,
+) -> QuantizedWeight:
+    """GPTQ with static groups: each group's scale comes from the scale search on the already-updated weights.
+
+    ``hessian`` is the sum of x xᵀ over calibration inputs [K, K]. Rows are independent, so callers stack the
+    rows of every Linear that reads the same input (q/k/v, gate/up) and run one pass.
+    """
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"group {group} does not divide {k} input columns")
+    block = max(block // group, 1) * group
+    weights = w.float().clone()
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    weights[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    importance = torch.diag(hessian).float()
+    q_all = torch.zeros(n, k)
+    scales = torch.zeros(n, k // group)
+    zeros = torch.zeros(n, k // group)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = weights[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                found = search(w1[:, i : i + group], bits, group, symmetric, importance[col : col + group])
+                scale = found.scale[:, 0]
+                zero = torch.zeros(n) if found.zero_point is None else found.zero_point[:, 0].float()
+                scales[:, col // group], zeros[:, col // group] = scale, zero
+            column = w1[:, i]
+            q = _round(column[:, None], scale, zero, bits)[:, 0]
+            q_all[:, col] = q
+            err = (column - (q - zero) * scale) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        weights[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return _pack(q_all, scales, zeros, bits, group, symmetric)
+
+
+def output_error(w: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the summed squared output error over the calibration inputs (what GPTQ minimizes)."""
+    delta = quantized.dequantize() - w.float()
+    return float(torch.einsum("nk,kj,nj->", delta, hessian.float(), delta))

@@ -1,0 +1,338 @@
+"""Run a plan's quantizers over a decoder: calibration text, per-block Hessians, sequential GPTQ, and a disk cache.
+
+GPTQ goes block by block, as in the paper: a block's Linears see inputs that already went through the *quantized*
+blocks before it, so each block corrects what the earlier ones got wrong. A stored block that runs several times
+in a row (MobileLLM-LS) accumulates its Hessian over every execution and is quantized once, before any of them
+runs quantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlexport.quantize import QuantPlan, TensorQuant
+from mlexport.quantize.algorithms import QuantizedWeight, gptq, rtn, search
+from torch import nn
+
+from mlexport.errors import MlexportError
+
+CALIBRATION_TOKENS = 4096
+CALIBRATION_WINDOW = 256
+ALGORITHM_VERSION = "1"  # bump when a quantizer's output changes, so cached results are not reused
+Progress = Callable[[int, int], None]  # (done, total) blocks
+
+
+def default_calibration_text() -> str:
+    """Python's own reference-manual topics (``pydoc_data``): real English prose shipped with every Python, and a
+    different text from the validation corpus (module docstrings), so drift is never measured on what was fitted."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def calibration_info(path: Path | None) -> tuple[str, dict[str, Any]]:
+    if path is None:
+        text, name = default_calibration_text(), "python-pydoc-topics"
+    else:
+        if not path.is_file():
+            raise MlexportError(f"--calibration {path} does not exist; pass a UTF-8 text file or omit the flag")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MlexportError(f"--calibration {path} is not UTF-8 text; convert it or pass another file") from None
+        name = str(path)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return text, {"name": name, "sha256": digest, "tokens": CALIBRATION_TOKENS, "window": CALIBRATION_WINDOW}
+
+
+def calibration_windows(token_ids: list[int], n_tokens: int = CALIBRATION_TOKENS) -> list[list[int]]:
+    windows = [
+        token_ids[i : i + CALIBRATION_WINDOW]
+        for i in range(0, min(len(token_ids), n_tokens), CALIBRATION_WINDOW)
+        if len(token_ids[i : i + CALIBRATION_WINDOW]) >= 16
+    ]
+    if not windows:
+        raise MlexportError("the calibration text tokenizes to fewer than 16 tokens; pass a longer --calibration file")
+    return windows
+
+
+def quantize_weights(
+    model: nn.Module, plan: QuantPlan, windows: list[list[int]] | None, progress: Progress | None = None
+) -> dict[str, QuantizedWeight]:
+    """Quantized values for every tensor the plan gives a method other than torchao's RTN.
+
+    Returns ``{weight name: QuantizedWeight}``; ``model`` itself is not changed.
+    """
+    wanted = {name: q for name, q in plan.tensors.items() if q.bits in (4, 8) and not q.shares and _ours(q)}
+    if not wanted:
+        return {}
+    needs_data = any(q.method == "gptq" for q in wanted.values())
+    if needs_data and not windows:
+        raise MlexportError("GPTQ needs calibration text; pass --calibration FILE or choose --quantizer search")
+    work = copy.deepcopy(model)
+    modules = dict(work.named_modules())
+    results: dict[str, QuantizedWeight] = {}
+    with torch.no_grad():
+        if needs_data:
+            _sequential(work, wanted, windows or [], results, progress)
+        for name, q in wanted.items():  # what the block pass did not cover: embedding, head, data-free methods
+            if name not in results:
+                weight = modules[name.removesuffix(".weight")].weight
+                results[name] = quantize_one(weight.detach(), q, None)
+    return results
+
+
+def _ours(q: TensorQuant) -> bool:
+    """torchao's own quantizer covers symmetric RTN; everything else needs our values."""
+    return q.method != "rtn" or q.asymmetric
+
+
+def quantize_one(weight: torch.Tensor, q: TensorQuant, hessian: torch.Tensor | None) -> QuantizedWeight:
+    group = q.group_size or weight.shape[1]
+    symmetric = not q.asymmetric
+    if q.method == "gptq" and hessian is not None:
+        return gptq(weight, hessian, q.bits, group, symmetric)
+    if q.method in ("search", "gptq"):  # GPTQ without a Hessian (embedding, tied head): the data-free search
+        return search(weight, q.bits, group, symmetric)
+    return rtn(weight, q.bits, group, symmetric)
+
+
+def _sequential(
+    work: nn.Module,
+    wanted: dict[str, TensorQuant],
+    windows: list[list[int]],
+    results: dict[str, QuantizedWeight],
+    progress: Progress | None,
+) -> None:
+    limit = work.max_context  # the RoPE tables end there: cut longer windows into pieces
+    pieces = [w[i : i + limit] for w in windows for i in range(0, len(w), limit)]
+    hidden = [work.embed_tokens(torch.tensor([w])) for w in pieces]
+    layer_map = list(work.layer_map)
+    n_blocks = len(set(layer_map))
+    done: set[int] = set()
+    i = 0
+    while i < len(layer_map):
+        b = layer_map[i]
+        runs = 1
+        while i + runs < len(layer_map) and layer_map[i + runs] == b:
+            runs += 1
+        block = work.layers[b]
+        if b not in done:
+            hessians = _collect_hessians(work, block, hidden, runs)
+            _quantize_block(block, f"layers.{b}.", wanted, hessians, results)
+            done.add(b)
+            if progress:
+                progress(len(done), n_blocks)
+        for _ in range(runs):
+            hidden = [_run_block(work, block, h) for h in hidden]
+        i += runs
+
+
+def _collect_hessians(work: nn.Module, block: nn.Module, hidden: list[torch.Tensor], runs: int) -> dict[str, Any]:
+    """Σ x xᵀ of each Linear's input over all calibration tokens and all ``runs`` consecutive executions."""
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+
+            def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                hessians[name] = hessians.get(name, 0) + x.T @ x
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for h in hidden:
+            for _ in range(runs):
+                h = _run_block(work, block, h)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return hessians
+
+
+# Linears that read one input: GPTQ treats rows independently, so one pass over their stacked rows serves all.
+_SAME_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _quantize_block(
+    block: nn.Module,
+    prefix: str,
+    wanted: dict[str, TensorQuant],
+    hessians: dict[str, torch.Tensor],
+    results: dict[str, QuantizedWeight],
+) -> None:
+    modules = dict(block.named_modules())
+    todo = [n for n in hessians if f"{prefix}{n}.weight" in wanted]
+    groups: list[list[str]] = []
+    for names in _SAME_INPUT:
+        present = [n for n in names if n in todo]
+        plans = {_key(wanted[f"{prefix}{n}.weight"]) for n in present}
+        if len(present) > 1 and len(plans) == 1:
+            groups.append(present)
+            todo = [n for n in todo if n not in present]
+    groups += [[n] for n in todo]
+    for names in groups:
+        q = wanted[f"{prefix}{names[0]}.weight"]
+        weights = [modules[n].weight.detach() for n in names]
+        stacked = quantize_one(torch.cat(weights), q, hessians[names[0]])
+        start = 0
+        for n, w in zip(names, weights, strict=True):
+            rows = slice(start, start + w.shape[0])
+            start += w.shape[0]
+            part = QuantizedWeight(
+                stacked.qdata[rows],
+                stacked.scale[rows],
+                None if stacked.zero_point is None else stacked.zero_point[rows],
+                stacked.bits,
+                stacked.group_size,
+            )
+            results[f"{prefix}{n}.weight"] = part
+            modules[n].weight.data = part.dequantize().to(w.dtype)  # later blocks see this block quantized
+
+
+def _key(q: TensorQuant) -> tuple:
+    return (q.method, q.bits, q.group_size, q.asymmetric)
+
+
+def _run_block(work: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    t = h.shape[1]
+    cos, sin = work.rope_cos[:t], work.rope_sin[:t]
+    h = h + block.self_attn(block.input_layernorm(h), cos, sin, work.rope_rot_t, None, None, "torch")
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+# --- cache: GPTQ is deterministic for a model, plan and calibration text, so validate need not run it again ---
+
+
+def cache_key(model_sha256: str | None, plan: QuantPlan) -> str | None:
+    if not model_sha256:
+        return None
+    payload = json.dumps(
+        {"model": model_sha256, "plan": plan.to_dict(), "version": ALGORITHM_VERSION, "torch": torch.__version__},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def load_cached(path: Path) -> dict[str, QuantizedWeight] | None:
+    if not path.is_file():
+        return None
+    try:
+        raw = torch.load(path, weights_only=True)
+        return {
+            name: QuantizedWeight(v["qdata"], v["scale"], v.get("zero_point"), int(v["bits"]), int(v["group_size"]))
+            for name, v in raw.items()
+        }
+    except Exception:  # noqa: BLE001  (a torn or stale cache file is recomputed, never trusted)
+        return None
+
+
+def save_cached(path: Path, results: dict[str, QuantizedWeight]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = {
+        name: {
+            "qdata": qw.qdata,
+            "scale": qw.scale,
+            **({"zero_point": qw.zero_point} if qw.zero_point is not None else {}),
+            "bits": qw.bits,
+            "group_size": qw.group_size,
+        }
+        for name, qw in results.items()
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(raw, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)  # the cache is an optimization: failing to write it is not an error
+
+
+def prepare(
+    model: nn.Module,
+    plan: QuantPlan,
+    model_sha256: str | None,
+    tokenizer_dir: Path | None,
+    calibration: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, QuantizedWeight]:
+    """The plan's quantized values, from the cache when this model, plan and text were quantized before.
+
+    Records the calibration text in ``plan.calibration``. When the plan already names one (a manifest's plan,
+    re-run by validate), the text must still hash the same.
+    """
+    planned = [q for q in plan.tensors.values() if q.bits in (4, 8) and not q.shares]
+    if not any(_ours(q) for q in planned):
+        return {}
+    methods = {q.method for q in planned}
+    windows = None
+    if "gptq" in methods:
+        recorded = plan.calibration
+        if calibration is None and recorded and recorded["name"] != "python-pydoc-topics":
+            calibration = Path(recorded["name"])
+        text, info = calibration_info(calibration)
+        if recorded and recorded["sha256"] != info["sha256"]:
+            raise MlexportError(
+                f"the calibration text {info['name']} changed since export (sha256 {info['sha256'][:12]}… vs "
+                f"{recorded['sha256'][:12]}…); restore it or re-export"
+            )
+        plan.calibration = info
+        if tokenizer_dir is None:
+            raise MlexportError("GPTQ needs the model's tokenizer for calibration; use --quantizer search")
+        from mlexport.tokenizer import Tokenizer
+
+        windows = calibration_windows(Tokenizer(tokenizer_dir).encode(text))
+    key = cache_key(model_sha256, plan)
+    from mlexport.sources import cache_dir
+
+    path = cache_dir() / "quantized" / f"{key}.pt" if key else None
+    cached = load_cached(path) if path else None
+    if cached is not None:
+        return cached
+    results = quantize_weights(model, plan, windows, progress)
+    if path:
+        save_cached(path, results)
+    return results
+
+
+def sensitivity_cached(
+    model: nn.Module,
+    plan: QuantPlan,
+    model_sha256: str | None,
+    tokenizer_dir: Path,
+    calibration: Path | None,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Per-tensor sensitivity on the calibration text (see mlexport.quantize.sensitivity), cached like GPTQ."""
+    from mlexport.quantize.sensitivity import SENSITIVITY_TOKENS, tensor_sensitivity
+
+    from mlexport.sources import cache_dir
+    from mlexport.tokenizer import Tokenizer
+
+    text, info = calibration_info(calibration)
+    key = cache_key(model_sha256, dataclasses.replace(plan, calibration=info, mixed={"n": SENSITIVITY_TOKENS}))
+    path = cache_dir() / "quantized" / f"{key}.sensitivity.json" if key else None
+    if path and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    result = tensor_sensitivity(model, plan, Tokenizer(tokenizer_dir).encode(text), progress)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(result))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return result
