@@ -122,47 +122,51 @@ def gptq(
     symmetric: bool = True,
     damp: float = 0.01,
     block: int = 128,
+    act_order: bool = True,
 ) -> QuantizedWeight:
-    """GPTQ with static groups: each group's scale comes from the scale search on the already-updated weights.
+    """GPTQ with static groups: each group's scale comes from the importance-weighted scale search.
 
     ``hessian`` is the sum of x xᵀ over calibration inputs [K, K]. Rows are independent, so callers stack the
-    rows of every Linear that reads the same input (q/k/v, gate/up) and run one pass.
+    rows of every Linear that reads the same input (q/k/v, gate/up) and run one pass. ``act_order`` quantizes the
+    columns with the largest input energy first, so the rest can absorb their error; the groups (and so the
+    stored layout) stay contiguous because their scales are fixed before the pass.
     """
     n, k = w.shape
     if k % group:
         raise ValueError(f"group {group} does not divide {k} input columns")
-    block = max(block // group, 1) * group
     weights = w.float().clone()
     h = hessian.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     weights[:, dead] = 0.0
+    importance = torch.diag(hessian).float()
+    found = search(weights, bits, group, symmetric, importance)
+    scales = found.scale
+    zeros = torch.zeros_like(scales) if found.zero_point is None else found.zero_point.float()
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    weights, h = weights[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    importance = torch.diag(hessian).float()
+    col_group = perm // group
     q_all = torch.zeros(n, k)
-    scales = torch.zeros(n, k // group)
-    zeros = torch.zeros(n, k // group)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = weights[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % group == 0:
-                found = search(w1[:, i : i + group], bits, group, symmetric, importance[col : col + group])
-                scale = found.scale[:, 0]
-                zero = torch.zeros(n) if found.zero_point is None else found.zero_point[:, 0].float()
-                scales[:, col // group], zeros[:, col // group] = scale, zero
+            g = int(col_group[i1 + i])
+            scale, zero = scales[:, g], zeros[:, g]
             column = w1[:, i]
             q = _round(column[:, None], scale, zero, bits)[:, 0]
-            q_all[:, col] = q
+            q_all[:, i1 + i] = q
             err = (column - (q - zero) * scale) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         weights[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return _pack(q_all, scales, zeros, bits, group, symmetric)
+    q_out = torch.empty_like(q_all)
+    q_out[:, perm] = q_all
+    return _pack(q_out, scales, zeros, bits, group, symmetric)
 
 
 def output_error(w: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor) -> float:

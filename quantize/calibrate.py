@@ -25,9 +25,9 @@ from torch import nn
 
 from mlexport.errors import MlexportError
 
-CALIBRATION_TOKENS = 4096
+CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 256
-ALGORITHM_VERSION = "1"  # bump when a quantizer's output changes, so cached results are not reused
+ALGORITHM_VERSION = "2"  # bump when a quantizer's output changes, so cached results are not reused
 Progress = Callable[[int, int], None]  # (done, total) blocks
 
 

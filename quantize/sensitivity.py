@@ -20,7 +20,7 @@ from torch import nn
 
 from mlexport.sharing import tensor_bytes
 
-SENSITIVITY_TOKENS = 256
+SENSITIVITY_TOKENS = 128
 Progress = Callable[[int, int], None]
 
 
@@ -42,25 +42,42 @@ def tensor_sensitivity(
     for i, b in enumerate(model.layer_map):
         first_run.setdefault(b, i)
     candidates = [n for n, q in plan.tensors.items() if q.bits == 4 and not q.shares and n.startswith("layers.")]
+    by_block: dict[int, list[str]] = {}
+    for name in candidates:
+        by_block.setdefault(int(name.split(".")[1]), []).append(name)
     modules = dict(model.named_modules())
     result: dict[str, float] = {}
-    for done, name in enumerate(candidates, 1):
-        q = plan.tensors[name]
-        module = modules[name.removesuffix(".weight")]
-        original = module.weight.data
-        module.weight.data = rtn(original, 4, q.group_size or original.shape[1], not q.asymmetric).dequantize()
-        try:
-            b = int(name.split(".")[1])
-            start = first_run[b]
-            x = inputs[start]
-            for layer in model.layer_map[start:]:
-                x = _block(model.layers[layer], x, cos, sin, rot)
-            test = F.log_softmax(model.lm_head(model.norm(x)).float(), dim=-1)
-        finally:
-            module.weight.data = original
-        result[name] = float((ref.exp() * (ref - test)).sum(-1).mean())
+    for b, names in by_block.items():
+        start = first_run[b]
+        # Each candidate's own perturbed copy of this block's first run, stacked on the batch dim; the rest of the
+        # network then runs once for all of them.
+        outs = []
+        for name in names:
+            q = plan.tensors[name]
+            module = modules[name.removesuffix(".weight")]
+            original = module.weight.data
+            module.weight.data = rtn(original, 4, q.group_size or original.shape[1], not q.asymmetric).dequantize()
+            try:
+                outs.append(_block(model.layers[b], inputs[start], cos, sin, rot))
+                # a stored block that runs again right away (MobileLLM-LS) runs perturbed again
+                for layer in model.layer_map[start + 1 :]:
+                    if layer != b:
+                        break
+                    outs[-1] = _block(model.layers[b], outs[-1], cos, sin, rot)
+            finally:
+                module.weight.data = original
+        x = torch.cat(outs)
+        runs = 1
+        while start + runs < len(model.layer_map) and model.layer_map[start + runs] == b:
+            runs += 1
+        for layer in model.layer_map[start + runs :]:
+            x = _block(model.layers[layer], x, cos, sin, rot)
+        test = F.log_softmax(model.lm_head(model.norm(x)).float(), dim=-1)
+        kld = (ref.exp() * (ref - test)).sum(-1).mean(-1)
+        for name, value in zip(names, kld.tolist(), strict=True):
+            result[name] = value
         if progress:
-            progress(done, len(candidates))
+            progress(len(result), len(candidates))
     return result
 
 

@@ -1,0 +1,103 @@
+"""``mlexport quantize-sweep``: every quantization preset of one target, scored in one run, to pick one from.
+
+Each row quantizes the model exactly as ``export`` would for that target (same plan, same quantizer values, same
+mixed-precision choice, same tie layout) and runs it in eager PyTorch (torchao's kernels) over the validation
+corpus. Sizes are the plan's predicted bytes for that target's storage (what ``inspect`` checks artifacts
+against). What the sweep leaves out is the exporter's own error, which ``mlexport validate`` measures on the
+artifact; it is small next to these differences (see the README's export-level column).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from mlexport.validate import drift
+from mlexport.validate.corpus import load_corpus
+
+from mlexport.model import build_decoder
+from mlexport.pipeline import (
+    SCALE_BYTES,
+    ExportOptions,
+    StageLog,
+    compute_quantized,
+    mixed_precision,
+    weight_only,
+)
+from mlexport.sharing import predicted_bytes
+from mlexport.sources import LoadedModel
+from mlexport.tokenizer import Tokenizer
+
+# (label, export options that differ from the defaults); "asym" rows only where the runtime has zero points.
+SWEEP_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("fp16", {"quant": "fp16"}),
+    ("8bit rtn", {"quant": "8bit", "quantizer": "rtn"}),
+    ("4bit rtn", {"quant": "4bit", "quantizer": "rtn", "size_budget_mb": 0}),
+    ("4bit search", {"quant": "4bit", "quantizer": "search", "size_budget_mb": 0}),
+    ("4bit gptq", {"quant": "4bit", "quantizer": "gptq", "size_budget_mb": 0}),
+    ("4bit gptq + mixed (default)", {"quant": "4bit", "quantizer": "gptq"}),
+    ("4bit gptq asym", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True, "size_budget_mb": 0}),
+    ("4bit gptq asym + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True}),
+)
+
+
+def sweep(
+    loaded: LoadedModel,
+    target: str,
+    max_tokens: int = 1024,
+    window: int = 256,
+    say: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    from mlexport.quantize import plan_quantization
+    from mlexport.quantize.torchao_map import apply_plan
+
+    from mlexport.pipeline import _default_tie_mode
+
+    say = say or (lambda _t: None)
+    text, _ = load_corpus(None)
+    windows = drift.make_windows(Tokenizer(loaded.tokenizer_dir).encode(text), window, max_tokens)
+    say(f"fp32 reference over {windows.scored} tokens")
+    fp32_model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
+    fp32 = drift.run_torch(fp32_model, windows)
+    n_params = sum(p.numel() for p in fp32_model.parameters())  # the tie counts once: what is stored
+    rows = []
+    for label, overrides in SWEEP_ROWS:
+        if overrides.get("asymmetric") and target == "executorch":
+            continue  # XNNPACK runs symmetric weights only
+        opts = dataclasses.replace(ExportOptions(target=target), **overrides)
+        model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
+        plan = plan_quantization(
+            model,
+            opts.quant,
+            opts.group_size,
+            _default_tie_mode("default", target),
+            target != "onnx",
+            opts.quantizer if opts.quantizer != "auto" else "rtn",
+            opts.asymmetric,
+        )
+        if target == "coreml":
+            plan = weight_only(plan)
+        say(f"{label}: planning")
+        plan = mixed_precision(model, plan, loaded, opts, target, say, StageLog())
+        size = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])["total"]
+        values = compute_quantized(model, plan, loaded, None, say)
+        if opts.quant != "fp32":
+            apply_plan(model, plan, values)
+        say(f"{label}: scoring")
+        logits = drift.run_torch(model, windows)
+        stats, _ = drift.compare(fp32, logits, windows.targets)
+        rows.append(
+            {
+                "preset": label,
+                "bits_per_weight": round(8 * size / n_params, 2),
+                "size_mb": round(size / 1e6, 1),
+                "kld_mean": stats["kld_mean"],
+                "kld_stderr": stats["kld_stderr"],
+                "same_top1": stats["same_top1"],
+                "ppl_ratio": stats["ppl_ratio"],
+                "tokens": windows.scored,
+                "upgrades": len(plan.mixed["upgrades"]) if plan.mixed else 0,
+            }
+        )
+    return rows
