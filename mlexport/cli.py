@@ -79,8 +79,11 @@ def export(
         help="auto (gptq at 4 bits, rtn at 8) | rtn (round to nearest) | search (per-group clipping search, no "
         "data) | gptq (calibrated on text; results cached per model, plan and text)",
     ),
-    asymmetric: bool = typer.Option(
-        False, "--asymmetric", help="4-bit zero point per group (onnx, coreml; XNNPACK is symmetric only)"
+    asymmetric: bool | None = typer.Option(
+        None,
+        "--asymmetric/--symmetric",
+        help="4-bit zero point per group [default: coreml asymmetric; onnx symmetric (the genai builder's size); "
+        "executorch symmetric only]",
     ),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="UTF-8 text for GPTQ [default: Python's bundled reference-manual topics]"
@@ -89,7 +92,7 @@ def export(
         None,
         "--size-budget",
         help="4-bit only: total MB the artifact may grow to by keeping the most sensitive tensors at 8 bits "
-        "[default: 2.2% over all-4-bit for executorch, 2% for onnx and coreml; 0 = no mixed precision]",
+        "[default: 2.2% over all-4-bit for executorch, 1.8% for onnx, 2% for coreml; 0 = no mixed precision]",
     ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""

@@ -27,7 +27,7 @@ from mlexport.errors import MlexportError
 
 CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 256
-ALGORITHM_VERSION = "2"  # bump when a quantizer's output changes, so cached results are not reused
+ALGORITHM_VERSION = "3"  # bump when a quantizer's output changes, so cached results are not reused
 Progress = Callable[[int, int], None]  # (done, total) blocks
 
 
@@ -135,6 +135,12 @@ def _sequential(
         for _ in range(runs):
             hidden = [_run_block(work, block, h) for h in hidden]
         i += runs
+    # The head reads the final norm's output. For a tied model its 4-bit values are also the embedding table
+    # (shared4), so GPTQ on the head helps the logits most, which is where a 4-bit tie costs the most drift.
+    head = wanted.get("lm_head.weight")
+    if head is not None and head.method == "gptq":
+        x = torch.cat([work.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).float()
+        results["lm_head.weight"] = quantize_one(work.lm_head.weight.detach(), head, x.T @ x)
 
 
 def _collect_hessians(work: nn.Module, block: nn.Module, hidden: list[torch.Tensor], runs: int) -> dict[str, Any]:

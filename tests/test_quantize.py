@@ -174,9 +174,9 @@ def test_quantize_sweep_scores_every_preset(tiny: Path) -> None:
     from mlexport.validate.sweep import sweep
 
     rows = {r["preset"]: r for r in sweep(load_model(str(tiny)), "onnx", max_tokens=96, window=48)}
-    assert set(rows) >= {"fp16", "8bit rtn", "4bit rtn", "4bit gptq", "4bit gptq + mixed (default)", "4bit gptq asym"}
+    assert set(rows) >= {"fp16", "8bit rtn", "4bit rtn", "4bit gptq", "4bit gptq + mixed", "4bit gptq asym"}
     assert rows["fp16"]["kld_mean"] < rows["8bit rtn"]["kld_mean"] < rows["4bit rtn"]["kld_mean"]
     assert rows["4bit gptq"]["bits_per_weight"] < rows["8bit rtn"]["bits_per_weight"] < rows["fp16"]["bits_per_weight"]
-    mixed = rows["4bit gptq + mixed (default)"]
+    mixed = rows["4bit gptq + mixed"]
     assert mixed["upgrades"] > 0 and mixed["size_mb"] >= rows["4bit gptq"]["size_mb"]
     assert len({r["tokens"] for r in rows.values()}) == 1 and rows["fp16"]["tokens"] >= 90

@@ -33,10 +33,10 @@ from mlexport.tokenizer import Tokenizer
 SWEEP_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("fp16", {"quant": "fp16"}),
     ("8bit rtn", {"quant": "8bit", "quantizer": "rtn"}),
-    ("4bit rtn", {"quant": "4bit", "quantizer": "rtn", "size_budget_mb": 0}),
-    ("4bit search", {"quant": "4bit", "quantizer": "search", "size_budget_mb": 0}),
-    ("4bit gptq", {"quant": "4bit", "quantizer": "gptq", "size_budget_mb": 0}),
-    ("4bit gptq + mixed (default)", {"quant": "4bit", "quantizer": "gptq"}),
+    ("4bit rtn", {"quant": "4bit", "quantizer": "rtn", "size_budget_mb": 0, "asymmetric": False}),
+    ("4bit search", {"quant": "4bit", "quantizer": "search", "size_budget_mb": 0, "asymmetric": False}),
+    ("4bit gptq", {"quant": "4bit", "quantizer": "gptq", "size_budget_mb": 0, "asymmetric": False}),
+    ("4bit gptq + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": False}),
     ("4bit gptq asym", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True, "size_budget_mb": 0}),
     ("4bit gptq asym + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True}),
 )
@@ -74,7 +74,7 @@ def sweep(
             _default_tie_mode("default", target),
             target != "onnx",
             opts.quantizer if opts.quantizer != "auto" else "rtn",
-            opts.asymmetric,
+            bool(opts.asymmetric),
         )
         if target == "coreml":
             plan = weight_only(plan)
