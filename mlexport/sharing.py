@@ -108,11 +108,14 @@ def tensor_bytes(
 
 def predicted_bytes(model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, int] | None = None) -> dict[str, int]:
     """Unique bytes the plan implies: planned tensors once each (shared uses free), plus float leftovers."""
-    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shapes = {name: p.shape for name, p in params.items()}
     planned = 0
+    counted: set[int] = set()
     for name, q in plan.tensors.items():
-        if q.shares:
+        if q.shares or (q.bits >= 16 and id(params[name]) in counted):  # a float tie is one tensor
             continue
+        counted.add(id(params[name]))
         shape = shapes[name]
         numel = int(torch.Size(shape).numel())
         planned += tensor_bytes(numel, int(shape[0]), q.scheme, q.group_size, scale_bytes)
