@@ -82,8 +82,7 @@ def export(
     asymmetric: bool | None = typer.Option(
         None,
         "--asymmetric/--symmetric",
-        help="4-bit zero point per group [default: coreml asymmetric; onnx symmetric (the genai builder's size); "
-        "executorch symmetric only]",
+        help="4-bit zero point per group: onnx, coreml [default: symmetric; executorch is symmetric only]",
     ),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="UTF-8 text for GPTQ [default: Python's bundled reference-manual topics]"

@@ -102,7 +102,7 @@ def test_int4_program_state_and_storage(exported: dict, models: dict[str, Path])
     assert {q["scheme"] for n, q in plan["tensors"].items() if n not in upgraded} == {"int4_weight"}
     blobs = manifest["storage"]["blobs"]
     tie = [b for b in blobs if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
-    assert len(tie) == 3  # int4 data, fp16 scales, int4 offsets (asymmetric by default), once for both uses
+    assert len(tie) == 2  # int4 data + fp16 scales, once, for the gather and the head
     block = [b for b in blobs if any(s.startswith("layers.0.self_attn.q_proj") for s in b["serves"])]
     assert block and all(s.endswith("(executed layers 0, 1)") for b in block for s in b["serves"])
     assert manifest["storage"]["duplicated_bytes"] == 0
