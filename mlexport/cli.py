@@ -302,6 +302,102 @@ def quantize_sweep(
     console.print(table)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mlexport bench out/demo-executorch-4bit\n\n"
+        "  mlexport bench out/demo-executorch-4bit out/demo-onnx-4bit --plot bench.svg\n\n"
+        "  mlexport bench out/demo-executorch-4bit --device qemu-arm64      # arm64 numerics, not speed\n\n"
+        "  mlexport bench out/demo-executorch-4bit --device adb --runner ./llama_main"
+    )
+)
+def bench(
+    artifacts: list[Path] = typer.Argument(..., help="artifact directories written by export (or files in them)"),
+    device: str = typer.Option("host", "--device", "-d", help="host | adb | adb:SERIAL | qemu-arm64 | macos"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="prefill length (built-in corpus tokens)"),
+    gen_tokens: int = typer.Option(64, "--gen-tokens", help="generated tokens per round (EOS ignored)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the runtime's choice)"),
+    repeat: int = typer.Option(5, "--repeat", help="measured rounds (min / median / p90 over these)"),
+    warmup: int = typer.Option(1, "--warmup", help="rounds run first and dropped"),
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="only this runtime: executorch | onnxruntime | onnxruntime-genai | coreml"
+    ),
+    runner: Path | None = typer.Option(
+        None, "--runner", help="adb: ExecuTorch llama_main built for arm64-v8a (or env MLEXPORT_ANDROID_RUNNER)"
+    ),
+    qemu_cpu: str | None = typer.Option(None, "--qemu-cpu", help="qemu-arm64: -cpu model (default: max,sme=off)"),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="directory with tokenizer.json, for a rival's artifact that has none"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print JSON results instead of the table"),
+    plot: Path | None = typer.Option(None, "--plot", help="write an SVG bar chart of prefill/decode tok/s"),
+) -> None:
+    """Time artifacts under one protocol: load, time to first token, prefill and decode tok/s, peak RSS.
+
+    Each artifact and runtime runs in its own process. ONNX artifacts are timed with onnxruntime and, when
+    installed, onnxruntime-genai. A rival's model.pte or onnxruntime-genai directory runs under the same protocol.
+    On qemu-arm64 the logits of emulated arm64 are compared with the host's."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from mlexport.validate.bench import BenchSettings, render_numerics, render_table, run_bench, write_plot
+
+    _quiet_libraries()
+    settings = BenchSettings(prompt_tokens, gen_tokens, threads, repeat, warmup)
+    notes: list[str] = []
+
+    def step(text: str) -> None:
+        if text.startswith("note: "):
+            notes.append(text.removeprefix("note: "))
+        else:
+            bar.update(task, description=f"timing {text}")
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=None)
+        if device == "qemu-arm64":
+            from mlexport.validate.arm64 import ready
+
+            if ready() is None:
+                raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
+        results = run_bench(artifacts, device, settings, runtime, runner, qemu_cpu, on_step=step, tokenizer=tokenizer)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    wide = out if out.is_terminal else Console(width=max(out.width, 120))  # CI logs: do not squeeze to 80
+    timed = [r for r in results if not r.emulated]
+    if timed:
+        wide.print(render_table(timed))
+    emulated = [r for r in results if r.emulated]
+    if emulated:
+        wide.print(render_numerics(emulated))
+    for note in notes + [f"{Path(r.artifact).name}: {n}" for r in results for n in r.notes]:
+        console.print(f"[dim]{note}[/]")
+    if plot:
+        write_plot(results, plot)
+        console.print(f"plot written to {plot}")
+
+
+@app.command(epilog="Example:\n\n  mlexport setup qemu-arm64")
+def setup(
+    what: str = typer.Argument(..., help="qemu-arm64"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if the cache holds a build"),
+) -> None:
+    """Install and build what a device needs, once (cached under ~/.cache/mlexport).
+
+    qemu-arm64: Debian's qemu-user-static, g++-aarch64-linux-gnu and patchelf (apt-get, as root), the aarch64
+    executorch and torch wheels of the installed versions, and a small C++ runner built against them."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if what != "qemu-arm64":
+        raise MlexportError(f"nothing to set up for {what!r}; the one choice is qemu-arm64")
+    from mlexport.validate.arm64 import setup as setup_qemu
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("qemu-arm64", total=None)
+        toolchain = setup_qemu(force, say=lambda text: bar.update(task, description=text))
+    versions = ", ".join(f"{k} {v}" for k, v in toolchain.versions.items() if k in ("executorch", "torch"))
+    console.print(f"[green]qemu-arm64 ready[/]: {toolchain.runner} ({versions})")
+
+
 @app.command()
 def inspect(
     target: str = typer.Argument(..., help="a model (demo | DIR | FILE.gguf | HUB_ID) or an artifact directory"),

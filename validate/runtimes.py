@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,6 +16,20 @@ import numpy as np
 
 from mlexport.artifacts import read_manifest
 from mlexport.errors import MlexportError
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a moment: C++ logging bypasses Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class ArtifactRuntime(Protocol):
@@ -34,10 +52,11 @@ class ExecuTorchRuntime:
 
         self._torch = torch
         try:
-            program = Runtime.get().load_program(pte, data_path=data_path)
+            with _native_stderr_silenced():  # XNNPACK's cpuinfo logs a few lines per load on stderr
+                program = Runtime.get().load_program(pte, data_path=data_path)
+                self._method = program.load_method("forward")
         except Exception as exc:
             raise MlexportError(f"ExecuTorch could not load {pte} ({exc}); re-export it") from None
-        self._method = program.load_method("forward")
 
         def const(name: str, default: Any) -> Any:
             if name not in program.method_names:
@@ -64,11 +83,11 @@ class ExecuTorchRuntime:
 class OnnxRuntime:
     """A ``.onnx`` decoder through onnxruntime's CPU provider, carrying ``present.*`` back in as ``past_key_values``."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         from mlexport.exporters.onnx import open_session
 
         try:
-            self._session = open_session(directory)
+            self._session = open_session(directory, threads)
         except Exception as exc:
             raise MlexportError(f"onnxruntime could not load {directory} ({str(exc)[:200]}); re-export it") from None
         spec = manifest["model"]["spec"]

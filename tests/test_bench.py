@@ -1,0 +1,187 @@
+"""`mlexport bench`: the host protocol on tiny artifacts, adb against recorded outputs, arm64 numerics under qemu."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlexport.validate import adb, arm64
+from mlexport.validate.bench import BenchSettings, bench_host, parse_device, run_bench
+from tiny import llama_config, save_hf_dir
+from typer.testing import CliRunner
+
+from mlexport.cli import app
+from mlexport.errors import MlexportError
+from mlexport.pipeline import ExportOptions, run_export
+
+DATA = Path(__file__).parent / "data" / "adb"
+QUICK = BenchSettings(prompt_tokens=12, gen_tokens=6, repeat=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    save_hf_dir(root / "llama", llama_config())
+    out = {}
+    for name, target, quant in [("et4", "executorch", "4bit"), ("onnx4", "onnx", "4bit")]:
+        options = ExportOptions(model=str(root / "llama"), target=target, quant=quant, out=root / name, max_context=64)
+        out[name] = run_export(options)[0]
+    return out
+
+
+def test_host_protocol_on_executorch_and_onnx(artifacts: dict[str, Path]) -> None:
+    results = run_bench([artifacts["et4"], artifacts["onnx4"]], "host", QUICK)
+    runtimes = [r.runtime for r in results]
+    assert runtimes[:2] == ["executorch", "onnxruntime"]
+    for r in results:
+        assert len(r.rounds) == QUICK.repeat  # the warm-up round is dropped
+        summary = r.summary()
+        for metric in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"):
+            assert 0 < summary[metric]["min"] <= summary[metric]["median"] <= summary[metric]["p90"]
+        assert r.peak_rss_mb > r.baseline_rss_mb > 0  # measured in the artifact's own process
+        assert r.size_mb > 0
+
+
+def test_genai_uses_the_same_protocol(artifacts: dict[str, Path]) -> None:
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the optional [genai] extra")
+    result = bench_host(artifacts["onnx4"], "onnxruntime-genai", QUICK)
+    assert result.summary()["decode_tok_s"]["median"] > 0
+    assert result.settings == bench_host(artifacts["onnx4"], "onnxruntime", QUICK).settings
+
+
+def test_cli_table_json_and_plot(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    args = ["bench", str(artifacts["et4"]), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1"]
+    shown = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "b.svg")])
+    assert shown.exit_code == 0, shown.output
+    assert "decode tok/s" in shown.output and "et4" in shown.output
+    assert (tmp_path / "b.svg").read_text().startswith("<svg")
+    listed = CliRunner().invoke(app, [*args, "--json"])
+    rows = json.loads(listed.stdout[listed.stdout.index("[") :])
+    assert rows[0]["runtime"] == "executorch" and rows[0]["summary"]["decode_tok_s"]["median"] > 0
+
+
+def test_bad_requests_are_one_line_errors(artifacts: dict[str, Path]) -> None:
+    with pytest.raises(MlexportError, match="exceeds the artifact's context of 64"):
+        run_bench([artifacts["et4"]], "host", BenchSettings(prompt_tokens=60, gen_tokens=10))
+    with pytest.raises(MlexportError, match="not one of host"):
+        parse_device("phone")
+    with pytest.raises(MlexportError, match="does not run executorch"):
+        run_bench([artifacts["et4"]], "host", QUICK, runtime="onnxruntime")
+    with pytest.raises(MlexportError, match="runs .pte artifacts"):
+        run_bench([artifacts["onnx4"]], "qemu-arm64", QUICK)
+    assert parse_device("adb:R58M12ABCDE") == ("adb", "R58M12ABCDE")
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS --device macos runs Core ML for real")
+def test_macos_device_needs_a_mac(artifacts: dict[str, Path]) -> None:
+    with pytest.raises(MlexportError, match="needs a Mac"):
+        run_bench([artifacts["et4"]], "macos", QUICK)
+
+
+# ---------------------------------------------------------------- adb: recorded real outputs
+
+
+def test_adb_devices_parsing() -> None:
+    assert adb.parse_devices((DATA / "devices_none.txt").read_text()) == []
+    pixel = adb.parse_devices((DATA / "devices_pixel.txt").read_text())
+    assert [(d.serial, d.state, d.model) for d in pixel] == [("XXXXXXXXXXXXXX", "device", "Pixel_4a")]
+    mixed = adb.parse_devices((DATA / "devices_mixed.txt").read_text())
+    assert [d.serial for d in mixed] == ["ce11182b8452d0070b", "10.21.100.53:5555"]
+    assert adb.choose_device(mixed, "10.21.100.53:5555").model == "Android_SDK_built_for_x86"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "serial", "message"),
+    [
+        ("devices_none.txt", None, "no Android device attached"),
+        ("devices_mixed.txt", None, "pick one with --device adb:SERIAL"),
+        ("devices_unauthorized.txt", None, "accept the USB debugging prompt"),
+        ("devices_pixel.txt", "0123", "no Android device 0123 attached"),
+    ],
+)
+def test_adb_device_choice_errors(fixture: str, serial: str | None, message: str) -> None:
+    with pytest.raises(MlexportError, match=message):
+        adb.choose_device(adb.parse_devices((DATA / fixture).read_text()), serial)
+
+
+def test_llama_main_stats_parsing() -> None:
+    s24 = (DATA / "llama_main_s24.log").read_text()
+    m = adb.metrics_from_stats(adb.parse_observer(s24), s24)
+    # The runner's own report in the same log: load 2.277 s, first token 0.164 s, 85.37 and 52.68 tok/s.
+    assert m["load_s"] == pytest.approx(2.277)
+    assert m["ttft_s"] == pytest.approx(0.164)
+    assert m["prefill_tok_s"] == pytest.approx(85.365854)
+    assert m["decode_tok_s"] == pytest.approx(52.682927)
+    assert "peak_rss_mb" not in m  # that build logged no RSS lines
+    phone = (DATA / "llama_main_android_rss.log").read_text()
+    m = adb.metrics_from_stats(adb.parse_observer(phone), phone)
+    assert m["decode_tok_s"] == pytest.approx(39.296794) and m["load_s"] == pytest.approx(3.926)
+    assert m["peak_rss_mb"] == pytest.approx(1223.152344 * 1.048576)
+    with pytest.raises(MlexportError, match="no PyTorchObserver"):
+        adb.parse_observer("Segmentation fault\n")
+
+
+def test_adb_command_construction(tmp_path: Path) -> None:
+    files = [tmp_path / "model.pte", tmp_path / "model.ptd", tmp_path / "tokenizer.json"]
+    remote = adb.remote_dir(tmp_path / "demo executorch")
+    assert remote == "/data/local/tmp/mlexport/demo_executorch"
+    cmds = adb.push_commands("adb", "SER1", files, tmp_path / "llama_main", remote)
+    assert cmds[0] == ["adb", "-s", "SER1", "shell", "mkdir", "-p", remote]
+    assert cmds[1] == ["adb", "-s", "SER1", "push", str(files[0]), f"{remote}/model.pte"]
+    assert cmds[-1] == ["adb", "-s", "SER1", "shell", "chmod", "755", f"{remote}/llama_main"]
+    run = adb.run_command("adb", "SER1", remote, "llama_main", "It's a test", 200, 4, True, "round-0.log")
+    assert run[:4] == ["adb", "-s", "SER1", "shell"]
+    script = run[4]
+    assert script.startswith(f"cd {remote} && ./llama_main --model_path=model.pte --tokenizer_path=tokenizer.json")
+    assert "--seq_len=200" in script and "--data_paths=model.ptd" in script and "--cpu_threads=4" in script
+    assert "'--prompt=It'\"'\"'s a test'" in script  # quoted for the device shell
+    assert script.endswith("> round-0.log 2>&1; echo mlexport-exit=$?")
+
+
+def test_adb_without_a_device_is_a_clean_error(artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the real adb (if installed) and no phone, or with no adb at all: one line that says what to do."""
+    if shutil.which("adb") is None:
+        with pytest.raises(MlexportError, match="adb not found"):
+            run_bench([artifacts["et4"]], "adb", QUICK)
+        return
+    try:
+        with pytest.raises(MlexportError, match="no Android device attached"):
+            run_bench([artifacts["et4"]], "adb", QUICK)
+    finally:
+        subprocess.run(["adb", "kill-server"], capture_output=True)
+
+
+# ---------------------------------------------------------------- emulated arm64
+
+
+def _qemu_toolchain() -> arm64.Toolchain:
+    """Build the runner once (apt-get needs root; the wheels come from the package index)."""
+    if sys.platform != "linux":
+        pytest.skip("qemu-user runs on Linux only")
+    try:
+        return arm64.setup()
+    except MlexportError as exc:
+        if "missing" in str(exc) and "sudo" in str(exc):
+            pytest.skip(f"cannot install the qemu toolchain here: {exc}")
+        raise
+
+
+def test_qemu_arm64_logits_match_the_host(artifacts: dict[str, Path]) -> None:
+    _qemu_toolchain()
+    (result,) = run_bench([artifacts["et4"]], "qemu-arm64", BenchSettings(prompt_tokens=12, gen_tokens=6))
+    n = result.numerics
+    assert result.emulated and n["calls"] == 6 and n["rows"] == 12 + 5
+    assert n["same_argmax"] == 1.0
+    assert n["max_abs_diff"] <= 1e-5 * max(1.0, n["max_abs_logit"])  # float rounding, not a kernel bug
+
+
+def test_qemu_schedule_round_trip(tmp_path: Path) -> None:
+    schedule = [(0, [5, 6, 7]), (3, [8])]
+    arm64.write_schedule(schedule, tmp_path / "s.bin")
+    import numpy as np
+
+    assert np.fromfile(tmp_path / "s.bin", "<i8").tolist() == [2, 0, 3, 5, 6, 7, 3, 1, 8]
