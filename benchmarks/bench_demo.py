@@ -14,8 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from mlexport.errors import MlexportError
 from mlexport.validate.bench import BenchResult, BenchSettings, run_bench, write_plot
+
+from mlexport.errors import MlexportError
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("PEERS", Path.home() / ".cache" / "mlexport-peers"))
@@ -64,7 +65,7 @@ def main() -> None:
         f"\n{settings.prompt_tokens} prompt tokens, {settings.gen_tokens} generated; median of {settings.repeat} "
         f"rounds after {settings.warmup} warm-up; ratios to the first row\n"
     )
-    print("| who | artifact | runtime | MB | load s | TTFT ms | prefill tok/s | decode tok/s | decode × | peak RSS MB |")
+    print("| who | artifact | runtime | MB | load s | TTFT ms | prefill tok/s | decode tok/s | decode × | RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for who, r in results:
         s = r.summary()

@@ -185,3 +185,12 @@ def test_qemu_schedule_round_trip(tmp_path: Path) -> None:
     import numpy as np
 
     assert np.fromfile(tmp_path / "s.bin", "<i8").tolist() == [2, 0, 3, 5, 6, 7, 3, 1, 8]
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction (MLModel with a state) needs macOS 15+")
+def test_macos_times_coreml(tmp_path: Path) -> None:
+    save_hf_dir(tmp_path / "llama", llama_config())
+    options = ExportOptions(model=str(tmp_path / "llama"), target="coreml", quant="fp16", out=tmp_path / "cm")
+    artifact = run_export(options)[0]
+    (result,) = run_bench([artifact], "macos", QUICK)
+    assert result.runtime == "coreml" and result.summary()["decode_tok_s"]["median"] > 0
