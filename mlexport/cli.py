@@ -376,6 +376,72 @@ def bench(
         console.print(f"plot written to {plot}")
 
 
+build_app = typer.Typer(
+    rich_markup_mode="rich",
+    help="Build a matrix of artifacts (models × targets × quants) incrementally, for CI; or merge shard manifests.",
+)
+app.add_typer(build_app, name="build")
+
+
+@build_app.callback(
+    invoke_without_command=True,
+    epilog=(
+        "Examples:\n\n"
+        "  mlexport build -c examples/mlexport.toml                  # -> dist/manifest.json, dist/drift.md\n\n"
+        "  mlexport build -c mlexport.toml --shard 2/3 -o dist-2      # one CI runner's slice\n\n"
+        "  mlexport build merge dist-*/manifest.json -o dist"
+    ),
+)
+def build(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "-c", "--config", help="the build matrix (TOML)"),
+    output: Path | None = typer.Option(
+        None, "-o", "--out", help="output directory (default: the config's build.out, or dist)"
+    ),
+    shard: str | None = typer.Option(None, "--shard", help="K/N: build every N-th entry from the K-th (1-based)"),
+    no_validate: bool = typer.Option(False, "--no-validate", help="skip the validation stage and its gates"),
+) -> None:
+    """Build every entry whose inputs changed (model bytes, options, tool versions), validate it, gate it.
+
+    Writes <out>/<model>-<target>-<quant>/ per entry, <out>/manifest.json (files, sha256, quant plan, drift,
+    tool versions) and <out>/drift.md. One failing entry does not stop the others; exit code 1 if any failed."""
+    if ctx.invoked_subcommand:
+        return
+    if config is None:
+        raise MlexportError("mlexport build needs -c FILE.toml; start from examples/mlexport.toml")
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from mlexport.build import load_config, render_markdown, run_build
+
+    cfg = load_config(config)
+    if output is not None:
+        cfg.out = output
+    if no_validate:
+        cfg.validate = False
+    _quiet_libraries()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("starting", total=None)
+        manifest = run_build(cfg, shard, say=lambda t: bar.update(task, description=t.replace("progress:", "")))
+    sys.stdout.write(render_markdown(manifest))
+    console.print(f"manifest: {cfg.out / 'manifest.json'}")
+    if not manifest["passed"]:
+        raise typer.Exit(1)
+
+
+@build_app.command("merge")
+def build_merge(
+    manifests: list[Path] = typer.Argument(..., help="the shards' manifest.json files"),
+    output: Path = typer.Option(Path("dist"), "-o", "--out", help="where the merged manifest.json goes"),
+) -> None:
+    """Join shard manifests into one manifest.json and drift.md; exit code 1 if any entry failed."""
+    from mlexport.build import merge, render_markdown
+
+    merged = merge(manifests, output)
+    sys.stdout.write(render_markdown(merged))
+    if not merged["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command(epilog="Example:\n\n  mlexport setup qemu-arm64")
 def setup(
     what: str = typer.Argument(..., help="qemu-arm64"),
