@@ -442,6 +442,33 @@ def build_merge(
         raise typer.Exit(1)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mlexport bundle android --app targets/android                          # out/demo-executorch-4bit\n\n"
+        "  mlexport bundle ios --app targets/ios out/demo-coreml-4bit\n\n"
+        "  mlexport bundle android --app targets/android dist                     # from mlexport build"
+    )
+)
+def bundle(
+    platform: str = typer.Argument(..., help="android | ios"),
+    artifact: Path | None = typer.Argument(
+        None, help="artifact dir, or a dist/ from mlexport build (default: out/demo-<target>-4bit)"
+    ),
+    app_dir: Path = typer.Option(..., "--app", help="the demo app: targets/android or targets/ios"),
+    force: bool = typer.Option(False, "--force", help="replace files in the app's model folder mlexport did not put"),
+) -> None:
+    """Copy an artifact into a demo app with bundle.json, the contract the app checks (files, sha256, runtime
+    version, context, stop tokens, chat prompt template)."""
+    from mlexport.bundle import PLATFORMS
+    from mlexport.bundle import bundle as run_bundle
+
+    contract = run_bundle(platform, app_dir, artifact, force)
+    size = sum(f["bytes"] for f in contract["files"]) / 1e6
+    dest = app_dir / PLATFORMS[platform]["assets"]
+    console.print(f"[green]bundled[/] {contract['artifact']} → {dest} ({size:.1f} MB, {len(contract['files'])} files)")
+
+
 @app.command(epilog="Example:\n\n  mlexport setup qemu-arm64")
 def setup(
     what: str = typer.Argument(..., help="qemu-arm64"),
