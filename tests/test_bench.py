@@ -53,6 +53,20 @@ def test_genai_uses_the_same_protocol(artifacts: dict[str, Path]) -> None:
     assert result.settings == bench_host(artifacts["onnx4"], "onnxruntime", QUICK).settings
 
 
+def test_a_rivals_pte_runs_under_the_same_protocol(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """A directory with a model.pte and no manifest (how a peer's export looks) is timed the same way."""
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    for name in ("model.pte", "model.ptd"):
+        shutil.copy(artifacts["et4"] / name, peer / name)
+    with pytest.raises(MlexportError, match="pass --tokenizer DIR"):
+        run_bench([peer], "host", QUICK)
+    (result,) = run_bench([peer], "host", QUICK, tokenizer=artifacts["et4"])
+    assert result.quant == "peer" and result.runtime == "executorch" and result.summary()["decode_tok_s"]["min"] > 0
+    with pytest.raises(MlexportError, match="is not an artifact"):
+        run_bench([tmp_path], "host", QUICK)
+
+
 def test_cli_table_json_and_plot(artifacts: dict[str, Path], tmp_path: Path) -> None:
     args = ["bench", str(artifacts["et4"]), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1"]
     shown = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "b.svg")])

@@ -111,14 +111,16 @@ def artifact_size_mb(manifest: dict[str, Any]) -> float:
     return sum(f["bytes"] for f in manifest.get("files", []) if f["path"].startswith("model")) / 1e6
 
 
-def prompt_ids(directory: Path, manifest: dict[str, Any], count: int) -> list[int]:
+def prompt_ids(directory: Path, manifest: dict[str, Any], count: int, tokenizer: Path | None = None) -> list[int]:
     """The first ``count`` tokens of the built-in corpus: real text, the same on every machine."""
     from mlexport.validate.corpus import default_corpus
 
     from mlexport.tokenizer import Tokenizer
 
-    spec = manifest.get("model", {}).get("spec", {})
-    ids = Tokenizer(directory, chat_template=spec.get("chat_template")).encode(default_corpus())
+    source = tokenizer or directory
+    if not (source / "tokenizer.json").is_file():
+        raise MlexportError(f"{source} has no tokenizer.json; pass --tokenizer DIR (the model's own directory)")
+    ids = Tokenizer(source).encode(default_corpus())
     if len(ids) < count:
         raise MlexportError(f"--prompt-tokens {count} is more than the built-in corpus holds ({len(ids)})")
     return ids[:count]
