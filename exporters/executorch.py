@@ -88,7 +88,7 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
     with log.stage("lower_xnnpack"), record_blob_sources() as blob_sources, skip_idle_xnnpack_passes():
         edge = to_edge_transform_and_lower(
             program,
-            partitioner=[XnnpackPartitioner()],
+            partitioner=[_one_decomposition(XnnpackPartitioner())],
             constant_methods=runner_metadata(model.spec, max_context),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
@@ -189,6 +189,29 @@ def skip_idle_xnnpack_passes() -> Iterator[None]:
         yield
     finally:
         preprocess.XNNPACKPassManager = manager
+
+
+def _one_decomposition(partitioner: Any) -> Any:
+    """Let lowering decompose the graph once instead of twice when that changes nothing.
+
+    A partitioner that filters its preserved ops per node (XNNPACK's ``check_constraints``) sends lowering down
+    its EDGE_DO_NOT_DECOMP path: two more full ``run_decompositions`` of the graph (~47 s each on the demo).
+    When the filter accepts every node of every preserved op, as it does for our decoder's linears, preserving
+    them all without a filter gives the same graph, and ExecuTorch then decomposes once. If any node fails the
+    filter, the partitioner's own filter is kept.
+    """
+    original = partitioner.ops_to_not_decompose
+
+    def ops_to_not_decompose(program: Any) -> Any:
+        ops, keep = original(program)
+        if keep is None:
+            return ops, None
+        preserved = set(ops)
+        nodes = [n for n in program.graph.nodes if n.op == "call_function" and n.target in preserved]
+        return (ops, None) if all(keep(n) for n in nodes) else (ops, keep)
+
+    partitioner.ops_to_not_decompose = ops_to_not_decompose
+    return partitioner
 
 
 def _pass_needed(name: str, ops: str) -> bool:
