@@ -62,9 +62,14 @@ def _params(
     return scale, zero
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Quantize; ``zero`` None (symmetric) skips adding a zero tensor. In place after the division: this runs
+    on [ratios, rows, groups, group] tensors in the search and once per column in GPTQ."""
     qmin, qmax = qrange(bits)
-    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], qmin, qmax)
+    q = torch.round_(w / scale[..., None])
+    if zero is not None:
+        q += zero[..., None]
+    return q.clamp_(qmin, qmax)
 
 
 def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -105,8 +110,12 @@ def search(
     for start in range(0, g.shape[0], rows):  # all ratios at once, a slice of rows at a time (bounded memory)
         part = g[start : start + rows]
         scale, zero = _params(part.unsqueeze(0), bits, symmetric, ratios)  # [R, rows, G]
-        q = _round(part.unsqueeze(0), scale, zero, bits)
-        err = (((q - zero[..., None]) * scale[..., None] - part) ** 2 * weight).sum(-1)
+        q = _round(part.unsqueeze(0), scale, None if symmetric else zero, bits)
+        if not symmetric:
+            q -= zero[..., None]
+        q *= scale[..., None]  # q is now the dequantized weight; the same float ops as before, fewer buffers
+        q -= part
+        err = q.square_().mul_(weight).sum(-1)
         best = err.argmin(dim=0, keepdim=True)
         scales.append(scale.gather(0, best)[0])
         zeros.append(zero.gather(0, best)[0])

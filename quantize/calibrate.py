@@ -147,12 +147,16 @@ def _collect_hessians(work: nn.Module, block: nn.Module, hidden: list[torch.Tens
     """Σ x xᵀ of each Linear's input over all calibration tokens and all ``runs`` consecutive executions."""
     hessians: dict[str, torch.Tensor] = {}
     hooks = []
+    last: list[Any] = [None, None]  # q/k/v (and gate/up) read the same tensor: form its x xᵀ once
+
     for name, module in block.named_modules():
         if isinstance(module, nn.Linear):
 
             def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                hessians[name] = hessians.get(name, 0) + x.T @ x
+                if args[0] is not last[0]:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    last[0], last[1] = args[0], x.T @ x
+                hessians[name] = hessians.get(name, 0) + last[1]
 
             hooks.append(module.register_forward_pre_hook(hook))
     try:
