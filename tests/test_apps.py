@@ -127,10 +127,8 @@ def test_android_xml_and_gradle_files() -> None:
             assert text.count(a) == text.count(b), f"{kts.name}: unbalanced {a}{b}"
     gradle = (ANDROID / "app" / "build.gradle.kts").read_text()
     assert 'implementation("org.pytorch:executorch-android:$executorchVersion")' in gradle
-    assert 'register<Exec>("mlexportBundle")' in gradle and 'dependsOn(verifyMlexportBundle)' in gradle
-    props = dict(
-        line.split("=", 1) for line in (ANDROID / "gradle.properties").read_text().splitlines() if "=" in line
-    )
+    assert 'register<Exec>("mlexportBundle")' in gradle and "dependsOn(verifyMlexportBundle)" in gradle
+    props = dict(line.split("=", 1) for line in (ANDROID / "gradle.properties").read_text().splitlines() if "=" in line)
     from importlib.metadata import version
 
     assert props["executorch.version"] == version("executorch")  # the AAR matches the exporter we pin
