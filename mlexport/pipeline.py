@@ -158,8 +158,8 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, asymmetric)
         if method != opts.quantizer and opts.quantizer != "auto":
             plan.notes.append(f"--quantizer {opts.quantizer} needs a tokenizer for calibration: used {method}")
-        if target == "coreml":
-            plan = weight_only(plan)
+        if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
+            plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
         plan = mixed_precision(model, plan, loaded, opts, target, say, log)
         predicted = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])
         say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
@@ -220,7 +220,8 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
 
 
 def weight_only(plan: Any) -> Any:
-    """Core ML runs weights-only quantization with fp16 activations: say so in the plan instead of pretending."""
+    """Core ML (fp16 activations) and ONNX at ``--accuracy-level 0`` (fp32 activations) run weights-only
+    quantization: say so in the plan, so the eager reference validation compares with runs the same math."""
     for name, q in plan.tensors.items():
         if q.scheme.endswith("_dynact"):
             plan.tensors[name] = dataclasses.replace(q, scheme=q.scheme.replace("_dynact", "_weight"))
