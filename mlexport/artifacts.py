@@ -105,11 +105,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def describe_files(directory: Path) -> list[dict[str, Any]]:
-    """Every file of an artifact with its size and sha256 (the manifest itself excluded)."""
+def describe_files(directory: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[dict[str, Any]]:
+    """Every file of an artifact with its size and sha256 (by default the manifest itself excluded)."""
     files = []
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path.name not in exclude:
             files.append(
                 {"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
             )

@@ -23,10 +23,11 @@ from typing import Any
 
 import tomllib
 
-from mlexport.artifacts import tool_versions, write_bytes_atomic, write_json_atomic
+from mlexport.artifacts import describe_files, tool_versions, write_bytes_atomic, write_json_atomic
 from mlexport.errors import MlexportError
 from mlexport.pipeline import TARGETS, ExportOptions
 from mlexport.quantize import PRESETS as QUANTS
+from mlexport.sources import sha256_file
 
 SCHEMA_VERSION = 1
 RECORD = ".mlexport-build.json"  # inside each artifact dir: the hashes it was built and validated from
@@ -154,12 +155,6 @@ def shard(entries: list[Entry], spec: str | None) -> tuple[list[Entry], str]:
 # ---------------------------------------------------------------- hashing
 
 
-def _sha256(path: Path) -> str:
-    from mlexport.sources import sha256_file
-
-    return sha256_file(path)
-
-
 def model_fingerprint(source: str) -> str:
     """What the model's bytes are: a digest of its files, the demo's pinned sha256, or the Hub id as given."""
     if source == "demo":
@@ -168,11 +163,11 @@ def model_fingerprint(source: str) -> str:
         return f"demo:{DEMO_GGUF_SHA256}"
     path = Path(source)
     if path.is_file():
-        return f"file:{_sha256(path)}"
+        return f"file:{sha256_file(path)}"
     if path.is_dir():
         digest = hashlib.sha256()
         for f in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-            digest.update(f"{f.name}:{_sha256(f)}\n".encode())
+            digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
         return f"dir:{digest.hexdigest()}"
     return f"hub:{source}"  # no revision is known offline: a Hub id rebuilds only when something else changes
 
@@ -203,7 +198,7 @@ def export_options(entry: Entry, out: Path) -> ExportOptions:
 def input_hash(entry: Entry, model_print: str, tools: dict[str, str], sources: str) -> str:
     options = {k: str(v) for k, v in asdict(export_options(entry, Path("."))).items() if k not in ("out", "force")}
     if entry.options.get("calibration"):
-        options["calibration_sha256"] = _sha256(Path(entry.options["calibration"]))
+        options["calibration_sha256"] = sha256_file(Path(entry.options["calibration"]))
     payload = {"model": model_print, "options": options, "tools": tools, "mlexport_sources": sources}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -211,11 +206,14 @@ def input_hash(entry: Entry, model_print: str, tools: dict[str, str], sources: s
 # ---------------------------------------------------------------- building
 
 
-def _files(directory: Path) -> list[dict[str, Any]]:
-    out = []
-    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != RECORD):
-        out.append({"path": str(f.relative_to(directory)), "bytes": f.stat().st_size, "sha256": _sha256(f)})
-    return out
+def _intact_files(directory: Path) -> list[dict[str, Any]] | None:
+    """The artifact's files if they are still exactly what its manifest recorded, else None (rebuild it)."""
+    try:
+        recorded = json.loads((directory / "manifest.json").read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
+    files = describe_files(directory, exclude=(RECORD,))
+    return files if [f for f in files if f["path"] != "manifest.json"] == recorded else None
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
@@ -259,7 +257,8 @@ def build_entry(
     started = time.perf_counter()
     try:
         record = _read_record(directory)
-        if record.get("input_hash") == hashes["input"] and (directory / "manifest.json").is_file():
+        files = _intact_files(directory) if record.get("input_hash") == hashes["input"] else None
+        if files is not None:
             row["status"] = "cached"
         else:
             say(f"{entry.id}: exporting")
@@ -267,8 +266,9 @@ def build_entry(
             record = {"input_hash": hashes["input"]}
             write_json_atomic(directory / RECORD, record)
             row["status"] = "built"
+            files = describe_files(directory, exclude=(RECORD,))
         manifest = json.loads((directory / "manifest.json").read_text())
-        row["files"] = _files(directory)
+        row["files"] = files
         row["size_bytes"] = sum(f["bytes"] for f in row["files"] if f["path"].startswith("model"))
         row["quant_plan"] = _plan_summary(manifest)
         row["warnings"] = manifest.get("warnings", [])
@@ -332,6 +332,7 @@ def run_build(
     out.mkdir(parents=True, exist_ok=True)
     tools, sources = tool_versions(), _own_sources()
     prints: dict[str, str] = {}
+    corpus = sha256_file(cfg.corpus) if cfg.corpus else "built-in"
     rows = []
     for entry in entries:
         try:
@@ -341,20 +342,21 @@ def run_build(
         except (OSError, MlexportError) as exc:
             rows.append({"id": entry.id, "status": "failed", "error": f"cannot hash inputs: {exc}", "passed": False})
             continue
-        corpus = _sha256(cfg.corpus) if cfg.corpus else "built-in"
         v = hashlib.sha256(f"{h}|{cfg.gate}|{cfg.validate_tokens}|{corpus}".encode()).hexdigest()
         rows.append(build_entry(entry, cfg, out, {"input": h, "validate": v}, say))
-        _write(out, cfg, shard_label, tools, rows)  # after every entry: a crash later loses nothing
-    return _write(out, cfg, shard_label, tools, rows)
+        # after every entry, so a crash later loses nothing
+        _save(out, str(cfg.path), [shard_label], cfg.gate, tools, rows)
+    return _save(out, str(cfg.path), [shard_label], cfg.gate, tools, rows)
 
 
-def _write(out: Path, cfg: BuildConfig, shard_label: str, tools: dict, rows: list[dict]) -> dict[str, Any]:
+def _save(out: Path, config: str | None, shards: list[str], gate: str | None, tools: dict, rows: list[dict]) -> dict:
+    """Write <out>/manifest.json and drift.md (a shard's or the merged one); return the manifest."""
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_unix": int(time.time()),
-        "config": str(cfg.path),
-        "shards": [shard_label],
-        "gate": cfg.gate,
+        "config": config,
+        "shards": shards,
+        "gate": gate,
         "tools": tools,
         "passed": all(r.get("passed") for r in rows),
         "entries": rows,
@@ -388,19 +390,7 @@ def merge(manifests: list[Path], out: Path) -> dict[str, Any]:
             if "artifact" in row:
                 row = {**row, "artifact": os.path.relpath(path.parent / row["artifact"], out)}
             rows[row["id"]] = row
-    merged = {
-        "schema_version": SCHEMA_VERSION,
-        "created_unix": int(time.time()),
-        "config": config,
-        "shards": sorted(shards),
-        "gate": gate,
-        "tools": tools,
-        "passed": all(r.get("passed") for r in rows.values()),
-        "entries": [rows[k] for k in sorted(rows)],
-    }
-    write_json_atomic(out / "manifest.json", merged)
-    write_bytes_atomic(out / "drift.md", render_markdown(merged).encode())
-    return merged
+    return _save(out, config, sorted(shards), gate, tools, [rows[k] for k in sorted(rows)])
 
 
 def render_markdown(manifest: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mlexport.artifacts import read_manifest, write_json_atomic
+from mlexport.artifacts import describe_files, read_manifest, write_json_atomic
 from mlexport.errors import MlexportError
 
 CONTRACT_VERSION = 1
@@ -67,18 +67,6 @@ def prompt_template(directory: Path, manifest: dict[str, Any]) -> str:
     return rendered.replace("{", "{{").replace("}", "}}").replace(PLACEHOLDER, "{prompt}")
 
 
-def _sha256(path: Path) -> str:
-    from mlexport.sources import sha256_file
-
-    return sha256_file(path)
-
-
-def _describe(root: Path, name: str) -> list[dict[str, Any]]:
-    path = root / name
-    items = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [{"path": str(p.relative_to(root)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in items]
-
-
 def bundle(platform: str, app: Path, artifact: Path | None = None, force: bool = False) -> dict[str, Any]:
     """Copy the artifact's model and tokenizer into the app and write bundle.json; return it."""
     if platform not in PLATFORMS:
@@ -128,7 +116,7 @@ def bundle(platform: str, app: Path, artifact: Path | None = None, force: bool =
             "eos_ids": spec.get("eos_ids", []),
             "vocab_size": spec.get("vocab_size"),
             "prompt_template": prompt_template(directory, manifest),
-            "files": [f for name in names for f in _describe(staging, name)],
+            "files": describe_files(staging),  # only the copied files: bundle.json comes after
         }
         write_json_atomic(staging / "bundle.json", contract)
         old = dest.with_name(dest.name + ".old")

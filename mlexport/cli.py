@@ -353,11 +353,6 @@ def bench(
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("starting", total=None)
-        if device == "qemu-arm64":
-            from mlexport.validate.arm64 import ready
-
-            if ready() is None:
-                raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
         results = run_bench(artifacts, device, settings, runtime, runner, qemu_cpu, on_step=step, tokenizer=tokenizer)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))

@@ -142,3 +142,10 @@ def test_ios_project_spec() -> None:
     assert target["dependencies"][0]["product"] == "Tokenizers"
     assert "swift-transformers" in spec["packages"]["Transformers"]["url"]
     assert (IOS / target["sources"][0]["path"] / "MLExportDemoApp.swift").is_file()
+
+
+def test_bundle_without_an_artifact_says_how_to_make_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = _app_copy(ANDROID, tmp_path)
+    monkeypatch.chdir(tmp_path)  # no out/demo-executorch-4bit here
+    with pytest.raises(MlexportError, match="mlexport export --target executorch --quant 4bit"):
+        bundle("android", app)

@@ -208,3 +208,16 @@ def test_macos_times_coreml(tmp_path: Path) -> None:
     artifact = run_export(options)[0]
     (result,) = run_bench([artifact], "macos", QUICK)
     assert result.runtime == "coreml" and result.summary()["decode_tok_s"]["median"] > 0
+
+
+def test_qemu_setup_without_tools_or_root_names_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arm64.shutil, "which", lambda _tool: None)
+    monkeypatch.setattr(arm64.os, "geteuid", lambda: 1000)
+    with pytest.raises(MlexportError, match="sudo apt-get install qemu-user-static g\\+\\+-aarch64-linux-gnu patchelf"):
+        arm64._install_packages(lambda _: None)
+
+
+def test_qemu_bench_before_setup_is_a_clean_error(artifacts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arm64, "ready", lambda: None)
+    with pytest.raises(MlexportError, match="run `mlexport setup qemu-arm64` first"):
+        run_bench([artifacts["et4"]], "qemu-arm64", QUICK)

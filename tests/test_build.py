@@ -62,6 +62,10 @@ def test_rebuilds_only_what_changed(model_dir: Path, tmp_path: Path) -> None:
     again = run_build(load_config(cfg_path))
     assert [(e["status"], e["validation"]) for e in again["entries"]] == [("cached", "cached")] * 2
 
+    (tmp_path / "dist" / "tiny-executorch-fp32" / "model.pte").write_bytes(b"damaged")  # not what was recorded
+    repaired = run_build(load_config(cfg_path))
+    assert [e["status"] for e in repaired["entries"]] == ["built", "cached"]
+
     override = '\n[[override]]\ntarget = "onnx"\noptions = { max_context = 48 }\n'
     changed = run_build(load_config(_config(tmp_path, model_dir, override)))
     assert [e["status"] for e in changed["entries"]] == ["cached", "built"]

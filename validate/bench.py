@@ -377,7 +377,9 @@ def bench_qemu(artifact: Path, settings: BenchSettings, cpu: str, tokenizer: Pat
         raise MlexportError("the arm64 runner returned logits of another shape than the host's; rebuild the runner")
     host_all, arm_all = np.concatenate(expected), np.concatenate(emulated)
     diff = np.abs(host_all - arm_all)
-    log_p, log_q = _log_softmax(host_all), _log_softmax(arm_all)
+    from mlexport.validate.stats import log_softmax
+
+    log_p, log_q = log_softmax(host_all), log_softmax(arm_all)
     kld = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
     result = _result(directory, manifest, "executorch (arm64 runner)", f"qemu-arm64 ({cpu})", settings)
     result.emulated = True
@@ -396,12 +398,6 @@ def bench_qemu(artifact: Path, settings: BenchSettings, cpu: str, tokenizer: Pat
     return result
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def run_bench(
     artifacts: list[Path],
     device: str,
@@ -415,6 +411,11 @@ def run_bench(
     kind, serial = parse_device(device)
     if kind == "macos" and sys.platform != "darwin":
         raise MlexportError("--device macos needs a Mac: Core ML's runtime exists only there (use host or qemu-arm64)")
+    if kind == "qemu-arm64":
+        from mlexport.validate.arm64 import ready
+
+        if ready() is None:  # before any host work, not after the first artifact's reference run
+            raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
     results = []
     for artifact in artifacts:
         directory, manifest = bench_manifest(artifact)
