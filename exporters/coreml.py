@@ -61,8 +61,9 @@ class StatefulDecoder(nn.Module):
             shape = (1, spec.n_kv_heads[block], ctx, spec.head_dim)
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16))
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16))
-        self.register_buffer("cos", model.rope_cos[:, 0, :].clone())
-        self.register_buffer("sin", model.rope_sin[:, 0, :].clone())
+        cos, sin = model.rope(0, ctx)
+        self.register_buffer("cos", cos[:, 0, :].clone())
+        self.register_buffer("sin", sin[:, 0, :].clone())
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         m = self.model

@@ -262,9 +262,13 @@ def _group_keys(entries: dict[str, Any], buffers: list[bytes], file: str) -> lis
     return [{"file": file, "bytes": len(buffers[i]), "keys": sorted(keys)} for i, keys in sorted(by_buffer.items())]
 
 
-# Ops that are expected to stay outside XNNPACK: the KV cache custom ops, the quantized embedding lookup, and the
-# scalar/shape bookkeeping of the dynamic token dimension.
+# Ops that are expected to stay outside XNNPACK: the KV cache custom ops, the quantized embedding lookup, the
+# scalar/shape bookkeeping of the dynamic token dimension, and the RoPE angles of this call's positions ([t, 64]
+# elements, computed once per call for all layers; see Decoder.rope).
 EXPECTED_NON_DELEGATED = {
+    "arange",
+    "cat",
+    "unsqueeze_copy",
     "update_cache",
     "custom_sdpa",
     "embedding",  # fp32 lookup: XNNPACK has no embedding op

@@ -216,8 +216,9 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
         "Gather", [g.node("Shape", ["attention_mask"]), g.const("const.int64.scalar1", np.array(1, np.int64))]
     )
     total_len = g.node("Cast", [total], to=TensorProto.INT32)
-    cos = g.const("rope.cos_cache", model.rope_cos[:, 0, : hd // 2].float().numpy(), ["rope.cos"])
-    sin = g.const("rope.sin_cache", model.rope_sin[:, 0, : hd // 2].float().numpy(), ["rope.sin"])
+    cos_table, sin_table = model.rope(0, model.max_context)
+    cos = g.const("rope.cos_cache", cos_table[:, 0, : hd // 2].float().numpy(), ["rope.cos"])
+    sin = g.const("rope.sin_cache", sin_table[:, 0, : hd // 2].float().numpy(), ["rope.sin"])
 
     h = _embedding(g, model, plan)
     norm_w = _norm_weight(g, model.layers[model.layer_map[0]].input_layernorm, "layers.0.input_layernorm")

@@ -85,7 +85,9 @@ def export(
         help="4-bit zero point per group: onnx, coreml [default: symmetric; executorch is symmetric only]",
     ),
     calibration: Path | None = typer.Option(
-        None, "--calibration", help="UTF-8 text for GPTQ [default: Python's bundled reference-manual topics]"
+        None,
+        "--calibration",
+        help="UTF-8 text for GPTQ [default: Python's reference-manual topics + 3,072 tokens sampled from the model]",
     ),
     size_budget: float | None = typer.Option(
         None,
@@ -208,6 +210,9 @@ def validate(
     corpus: Path | None = typer.Option(None, "--corpus", help="plain-text corpus [default: Python stdlib docs]"),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="scored tokens (bounds the cost)"),
     window: int = typer.Option(256, "--window", help="tokens per teacher-forced window"),
+    score_from: int = typer.Option(
+        0, "--score-from", help="score positions >= this in each window (llama.cpp: --window 512 --score-from 255)"
+    ),
     baseline: Path | None = typer.Option(None, "--baseline", help="older report.json to compare and gate against"),
 ) -> None:
     """Compare artifacts with the PyTorch reference token by token; write report.{json,md,html}; gate."""
@@ -239,7 +244,7 @@ def validate(
             bar.update(task, advance=n, total=max_tokens)
 
         result, failures = run_validation(
-            artifacts, reference, output, corpus, max_tokens, window, gates, baseline, say, advance
+            artifacts, reference, output, corpus, max_tokens, window, gates, baseline, say, advance, score_from
         )
     from mlexport.validate.report import render_markdown
 
@@ -547,7 +552,7 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "files": manifest["files"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"]),
         "quant_plan": QuantPlan.from_dict(manifest["quant_plan"]).summary(),
-        "calibration": manifest["quant_plan"].get("calibration"),
+        "calibration": _calibration_summary(manifest["quant_plan"].get("calibration")),
         "mixed_precision": _mixed_summary(manifest["quant_plan"].get("mixed")),
         "warnings": manifest.get("warnings", []),
         "delegation": manifest.get("delegation"),
@@ -557,6 +562,13 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
         "duplicated_bytes": storage["duplicated_bytes"],
         "blobs": storage["blobs"],
     }
+
+
+def _calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The calibration record without the sampled token ids (they stay in the manifest for validation)."""
+    if not calibration:
+        return None
+    return {k: v for k, v in calibration.items() if k != "generated_ids"}
 
 
 def _mixed_summary(mixed: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -204,10 +204,8 @@ class Decoder(nn.Module):
         self.caches = nn.ModuleList(
             KVCache(self.max_context, spec.n_kv_heads[b], spec.head_dim, cache_dtype) for b in self.layer_map
         )
-        freqs = torch.outer(torch.arange(self.max_context).float(), rope_inv_freq(spec))
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [ctx, 1, head_dim]: broadcasts over heads
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        # A plain attribute, not a buffer: ``.to(fp16)`` must not round the frequencies (angles reach ctx * f).
+        self.rope_inv_freq = rope_inv_freq(spec)
         self.register_buffer("rope_rot_t", rotate_half_matrix(spec.head_dim).T.contiguous(), persistent=False)
 
     def reset_cache(self) -> None:
@@ -215,17 +213,27 @@ class Decoder(nn.Module):
             cache.k.zero_()
             cache.v.zero_()
 
+    def rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [t, 1, head_dim] for positions start..start+t-1 (broadcast over heads).
+
+        Computed per call rather than stored: a [max_context, head_dim] table pair is 1 MB of the 4-bit demo
+        `.pte` at a 2048 context, more than a dozen 8-bit tensor upgrades cost."""
+        positions = torch.arange(start, start + t, dtype=torch.float32)
+        freqs = positions[:, None] * self.rope_inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        dtype = self.norm.weight.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]
         if input_pos is None:
             start = None
-            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+            cos, sin = self.rope(0, t)
         else:
             start = input_pos[0].item()
             torch._check(start >= 0)
             torch._check(start + t <= self.max_context)
-            cos = self.rope_cos.narrow(0, start, t)
-            sin = self.rope_sin.narrow(0, start, t)
+            cos, sin = self.rope(start, t)
         h = self.embed_tokens(tokens)
         for layer_idx, block_idx in enumerate(self.layer_map):
             block = self.layers[block_idx]

@@ -38,9 +38,9 @@ TARGET_PRESETS = {"executorch": PRESETS, "onnx": PRESETS, "coreml": PRESETS}
 SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 4, 8: 4}, "coreml": {4: 2, 8: 2}}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
-# Default 4-bit size budget over all-4-bit, spent on 8-bit copies of the most sensitive tensors (about 2 MB on the
-# demo model: ~25 tensors, mostly v_proj). Smaller where zero points already take a share.
-MIXED_SLACK = {"executorch": 0.022, "onnx": 0.018, "coreml": 0.012}
+# Default 4-bit size budget over all-4-bit, spent on 8-bit copies of the most sensitive tensors (1.1-1.6 MB on the
+# demo model: mostly v_proj). ExecuTorch's keeps the demo `.pte` + `.ptd` under 90 MB, the sharing issue's bar.
+MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.018, "coreml": 0.012}
 # Symmetric by default everywhere. XNNPACK runs symmetric weights only. ONNX stays symmetric to match the
 # onnxruntime-genai builder's int4 size (--asymmetric --size-budget 92 lowers its KLD from 0.105 to 0.063 on the
 # demo). Core ML with zero points scored better on corpus KLD, but it answered the demo's Paris prompt wrongly

@@ -129,12 +129,15 @@ def gptq(
     bits: int,
     group: int,
     symmetric: bool = True,
-    damp: float = 0.01,
+    damp: float = 0.1,
     block: int = 128,
     act_order: bool = True,
 ) -> QuantizedWeight:
     """GPTQ with static groups: each group's scale comes from the importance-weighted scale search.
 
+    ``damp`` (times the mean diagonal, added to H) is 10x the paper's 0.01: on the demo it lowered drift both on
+    the built-in corpus (KLD 0.103 -> 0.100) and on held-out text (0.172 -> 0.156); 0.3 was worse on both. A
+    stronger prior toward plain rounding fits the calibration text less and generalizes better.
     ``hessian`` is the sum of x xᵀ over calibration inputs [K, K]. Rows are independent, so callers stack the
     rows of every Linear that reads the same input (q/k/v, gate/up) and run one pass. ``act_order`` quantizes the
     columns with the largest input energy first, so the rest can absorb their error; the groups (and so the

@@ -27,7 +27,12 @@ from mlexport.errors import MlexportError
 
 CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 256
-ALGORITHM_VERSION = "3"  # bump when a quantizer's output changes, so cached results are not reused
+ALGORITHM_VERSION = "4"  # bump when a quantizer's output changes, so cached results are not reused
+DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
+# The default text's second part: the model's own samples (LLM-QAT's data-free calibration), 3,072 of the 8,192
+# tokens. On the demo it lowered held-out drift (GPL-3 text: KLD 0.20 -> 0.16, greedy agreement 77% -> 83%) for
+# +0.004 on the built-in corpus, whose domain (Python docs) the pydoc topics alone had been fitting.
+SELF_GENERATED = {"sequences": 24, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 0}
 Progress = Callable[[int, int], None]  # (done, total) blocks
 
 
@@ -63,6 +68,91 @@ def calibration_windows(token_ids: list[int], n_tokens: int = CALIBRATION_TOKENS
     if not windows:
         raise MlexportError("the calibration text tokenizes to fewer than 16 tokens; pass a longer --calibration file")
     return windows
+
+
+@torch.no_grad()
+def self_generated(
+    model: nn.Module, sequences: int, length: int, top_k: int, greedy_prefix: int, seed: int
+) -> list[list[int]]:
+    """Sample ``sequences`` texts of ``length`` tokens from the model itself, all in one batch through its KV cache.
+
+    Each starts from a random token and continues greedily for ``greedy_prefix`` tokens (so a stray first token
+    settles into text), then samples from the top ``top_k``. What comes out follows the model's training
+    distribution, not one domain. Fixed seed: the same model gives the same tokens on the same machine, and the
+    tokens are recorded in the plan, so validation elsewhere reuses them rather than sampling again.
+    """
+    work = copy.deepcopy(model).eval()
+    work.backend = "torch"  # plain attention over the widened caches below
+    length = min(length, work.max_context)
+    work.max_context = length
+    for cache in work.caches:  # the caches are batch 1 and max_context long (the export layout): resize this copy's
+        shape = (sequences, length, *cache.k.shape[2:])
+        cache.k, cache.v = torch.zeros(shape, dtype=cache.k.dtype), torch.zeros(shape, dtype=cache.v.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = work.lm_head.weight.shape[0]
+    tokens = torch.randint(0, vocab, (sequences, 1), generator=generator)
+    out = [tokens]
+    for pos in range(length - 1):
+        logits = work(tokens, torch.tensor([pos]))[:, -1].float()
+        if pos + 1 < greedy_prefix:
+            tokens = logits.argmax(-1, keepdim=True)
+        else:
+            top = torch.softmax(logits, -1).topk(top_k, -1)
+            tokens = top.indices.gather(1, torch.multinomial(top.values, 1, generator=generator))
+        out.append(tokens)
+    return torch.cat(out, 1).tolist()
+
+
+def calibration_set(
+    model: nn.Module,
+    model_sha256: str | None,
+    tokenizer_dir: Path,
+    path: Path | None,
+    recorded: dict[str, Any] | None = None,
+) -> tuple[list[list[int]], dict[str, Any]]:
+    """GPTQ's calibration windows and their record for the plan: ``path``'s text, or by default the pydoc topics
+    plus the model's own samples (from ``recorded`` when a manifest has them, else cached per model, else sampled)."""
+    from mlexport.tokenizer import Tokenizer
+
+    text, info = calibration_info(path)
+    token_ids = Tokenizer(tokenizer_dir).encode(text)
+    if path is not None:
+        return calibration_windows(token_ids), info
+    generated = (recorded or {}).get("generated_ids") or _cached_self_generated(model, model_sha256)
+    n_generated = sum(len(g) for g in generated)
+    windows = calibration_windows(token_ids, CALIBRATION_TOKENS - n_generated) + generated
+    digest = hashlib.sha256((info["sha256"] + json.dumps(generated)).encode()).hexdigest()
+    info = {
+        **info,
+        "name": DEFAULT_CALIBRATION,
+        "sha256": digest,
+        "self_generated": SELF_GENERATED,
+        "generated_ids": generated,
+    }
+    return windows, info
+
+
+def _cached_self_generated(model: nn.Module, model_sha256: str | None) -> list[list[int]]:
+    from mlexport.sources import cache_dir
+
+    params = json.dumps(SELF_GENERATED, sort_keys=True)
+    key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}".encode()).hexdigest()[:32]
+    path = cache_dir() / "calibration" / f"{key}.json" if model_sha256 else None
+    if path and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    generated = self_generated(model, **SELF_GENERATED)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(generated))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return generated
 
 
 def quantize_weights(
@@ -215,7 +305,7 @@ def _key(q: TensorQuant) -> tuple:
 
 def _run_block(work: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     t = h.shape[1]
-    cos, sin = work.rope_cos[:t], work.rope_sin[:t]
+    cos, sin = work.rope(0, t)
     h = h + block.self_attn(block.input_layernorm(h), cos, sin, work.rope_rot_t, None, None, "torch")
     return h + block.mlp(block.post_attention_layernorm(h))
 
@@ -287,20 +377,17 @@ def prepare(
     windows = None
     if "gptq" in methods:
         recorded = plan.calibration
-        if calibration is None and recorded and recorded["name"] != "python-pydoc-topics":
+        if calibration is None and recorded and recorded["name"] != DEFAULT_CALIBRATION:
             calibration = Path(recorded["name"])
-        text, info = calibration_info(calibration)
+        if tokenizer_dir is None:
+            raise MlexportError("GPTQ needs the model's tokenizer for calibration; use --quantizer search")
+        windows, info = calibration_set(model, model_sha256, tokenizer_dir, calibration, recorded)
         if recorded and recorded["sha256"] != info["sha256"]:
             raise MlexportError(
                 f"the calibration text {info['name']} changed since export (sha256 {info['sha256'][:12]}… vs "
                 f"{recorded['sha256'][:12]}…); restore it or re-export"
             )
         plan.calibration = info
-        if tokenizer_dir is None:
-            raise MlexportError("GPTQ needs the model's tokenizer for calibration; use --quantizer search")
-        from mlexport.tokenizer import Tokenizer
-
-        windows = calibration_windows(Tokenizer(tokenizer_dir).encode(text))
     key = cache_key(model_sha256, plan)
     from mlexport.sources import cache_dir
 

@@ -31,7 +31,7 @@ def tensor_sensitivity(
     """KLD(fp32 ‖ only this tensor quantized) per 4-bit Linear weight of the blocks, over ``tokens``."""
     tokens = tokens[: min(SENSITIVITY_TOKENS, model.max_context)]
     t = len(tokens)
-    cos, sin, rot = model.rope_cos[:t], model.rope_sin[:t], model.rope_rot_t
+    (cos, sin), rot = model.rope(0, t), model.rope_rot_t
     h = model.embed_tokens(torch.tensor([tokens]))
     inputs = []  # fp32 input of every executed layer
     for b in model.layer_map:

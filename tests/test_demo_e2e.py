@@ -67,7 +67,7 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
     assert all(plan["tensors"][k]["scheme"] == ("int8_dynact" if k in upgraded else "int4_dynact") for k in linears)
     assert all(plan["tensors"][k]["method"] == "gptq" for k in linears)
     stored = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model."))
-    assert stored <= 92e6, stored  # issue #8: within llama.cpp Q4_0's size
+    assert stored <= 90e6, stored  # the sharing issue's bar (#3); #8 allows 92 MB (llama.cpp Q4_0's size)
 
 
 def test_demo_4bit_drifts_less_than_q4_0(demo_4bit: Path, tmp_path: Path) -> None:

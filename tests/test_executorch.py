@@ -131,7 +131,10 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
         "int8_dynact": 1,  # the tied head, reading the embedding's int8 table
         "int8_weight rtn": 1,
     }
-    assert info["mixed_precision"]["at_8bit"] == upgraded and info["calibration"]["name"] == "python-pydoc-topics"
+    assert (
+        info["mixed_precision"]["at_8bit"] == upgraded
+        and info["calibration"]["name"] == "python-pydoc-topics+self-generated"
+    )
     assert info["accounting"]["within_slack"] and info["tie"]["mode"] == "shared8"
     assert info["tie"]["auto"] is None  # the default layout is fixed; --tie-mode auto is measured (test_sharing)
     # The blob map read back from the files: the tie is one blob serving both uses, nothing duplicated.

@@ -10,6 +10,9 @@ import torch
 from mlexport.quantize import plan_quantization
 from mlexport.quantize.algorithms import gptq, output_error, rtn, search
 from mlexport.quantize.calibrate import (
+    DEFAULT_CALIBRATION,
+    SELF_GENERATED,
+    calibration_set,
     calibration_windows,
     default_calibration_text,
     prepare,
@@ -125,12 +128,12 @@ def test_prepare_is_cached_and_reproducible(tiny: Path, tmp_path: Path, monkeypa
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
     plan = plan_quantization(model, "4bit", 32, "shared8", True, "gptq", asymmetric=True)
     first = prepare(model, plan, loaded.source["sha256"], loaded.tokenizer_dir)
-    assert plan.calibration and plan.calibration["name"] == "python-pydoc-topics"
+    assert plan.calibration and plan.calibration["name"] == DEFAULT_CALIBRATION
+    assert len(plan.calibration["generated_ids"]) == SELF_GENERATED["sequences"]
     assert len(list((tmp_path / "cache" / "quantized").glob("*.pt"))) == 1
     again = prepare(model, plan, loaded.source["sha256"], loaded.tokenizer_dir)  # from the cache
-    fresh = quantize_weights(
-        model, plan, calibration_windows(Tokenizer(loaded.tokenizer_dir).encode(default_calibration_text()))
-    )
+    windows, _ = calibration_set(model, loaded.source["sha256"], loaded.tokenizer_dir, None)
+    fresh = quantize_weights(model, plan, windows)
     for name, q in first.items():
         assert torch.equal(q.qdata, again[name].qdata) and torch.equal(q.qdata, fresh[name].qdata)
         assert q.zero_point is not None and torch.equal(q.zero_point, fresh[name].zero_point)

@@ -168,6 +168,20 @@ def test_validate_reports_and_gates(artifacts: tuple[Path, Path, Path], tmp_path
     assert abs(report2["artifacts"][0]["delta"]["kld_mean"]) < 1e-9
 
 
+def test_score_from_scores_only_late_positions(artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """llama.cpp's protocol scores each chunk's second half; --score-from reproduces it."""
+    model, good, _ = artifacts
+    args = [str(good), "--reference", str(model), "-o", str(tmp_path / "r"), "--max-tokens", "200", "--window", "48"]
+    result = _validate([*args, "--score-from", "24"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    # windows of 48 tokens score positions 0..46; 200 tokens = four full windows and a 13-token tail
+    assert report["corpus"]["scored_tokens"] == 4 * 23 and report["corpus"]["score_from"] == 24
+    assert "positions >= 24 scored" in (tmp_path / "r" / "report.md").read_text()
+    too_late = _validate([*args, "--score-from", "48"])
+    assert too_late.returncode == 2 and "lower it" in too_late.stderr
+
+
 def test_reference_mismatch_is_refused(artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, good, _ = artifacts
     save_hf_dir(tmp_path / "other", llama_config(), seed=1)

@@ -32,8 +32,13 @@ def run_validation(
     baseline: Path | None = None,
     say: Say | None = None,
     advance: Callable[[int], None] | None = None,
+    score_from: int = 0,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Measure every artifact against the reference; return the report and the one-line gate failures."""
+    """Measure every artifact against the reference; return the report and the one-line gate failures.
+
+    ``score_from`` scores only positions from that index of each window on: llama.cpp's perplexity tool scores
+    the second half of each 512-token chunk (``window=512, score_from=255``), so its published drift figures
+    compare with ours only under the same protocol."""
     say = say or (lambda _t: None)
     opened = [open_runtime(a) for a in artifacts]  # fail on a bad artifact before the slow work
     old = _read_baseline(baseline)
@@ -45,10 +50,13 @@ def run_validation(
     tokenizer = Tokenizer(opened[0][1])
     window = min(window, min(rt.max_context for rt, _, _ in opened))
     windows = drift.make_windows(tokenizer.encode(text), window, max_tokens)
-    targets = windows.targets
     positions = np.concatenate([np.arange(len(w) - 1) for w in windows.windows])
+    scored = positions >= score_from
+    if not scored.any():
+        raise MlexportError(f"--score-from {score_from} leaves no scored position in windows of {window}; lower it")
+    targets, positions = windows.targets[scored], positions[scored]
     say(f"fp32 PyTorch reference over {windows.scored} tokens")
-    fp32 = drift.run_torch(drift.fp32_reference(loaded, window), windows, advance)
+    fp32 = drift.run_torch(drift.fp32_reference(loaded, window), windows, advance)[scored]
     quant_refs: dict[str, np.ndarray] = {}
     entries = []
     failures: list[str] = []
@@ -57,11 +65,11 @@ def run_validation(
         if plan_key not in quant_refs:
             say(f"quantized PyTorch reference ({manifest['quant']})")
             model = drift.quantized_reference(loaded, manifest, window)
-            quant_refs[plan_key] = drift.run_torch(model, windows, advance)
+            quant_refs[plan_key] = drift.run_torch(model, windows, advance)[scored]
         qref = quant_refs[plan_key]
         say(f"running {directory.name} through {manifest['target']} (teacher-forced, prefill + decode)")
         started = time.perf_counter()
-        logits = drift.run_artifact(runtime, windows, advance)
+        logits = drift.run_artifact(runtime, windows, advance)[scored]
         seconds = time.perf_counter() - started
         total, tok = drift.compare(fp32, logits, targets)
         export_level, _ = drift.compare(qref, logits, targets)
@@ -86,7 +94,7 @@ def run_validation(
         "schema_version": report.SCHEMA_VERSION,
         "created_unix": int(time.time()),
         "reference": {"source": reference, "sha256": loaded.source.get("sha256")},
-        "corpus": {**corpus_info, "scored_tokens": windows.scored, "window": window},
+        "corpus": {**corpus_info, "scored_tokens": int(scored.sum()), "window": window, "score_from": score_from},
         "gates": [str(g) for g in gates or []],
         "baseline": str(baseline) if baseline else None,
         "tools": tool_versions(),

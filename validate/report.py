@@ -142,7 +142,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['corpus']['scored_tokens']} scored tokens of `{report['corpus']['name']}` "
         f"(sha256 `{report['corpus']['sha256'][:12]}`), windows of {report['corpus']['window']} "
-        "(half prefill, half KV-cache decode). KLD = KL(fp32 reference ‖ artifact), per token; "
+        "(half prefill, half KV-cache decode"
+        + (f"; positions >= {report['corpus']['score_from']} scored" if report["corpus"].get("score_from") else "")
+        + "). KLD = KL(fp32 reference ‖ artifact), per token; "
         "export = artifact vs PyTorch with the same quantized weights; quant = quantized PyTorch vs fp32.",
         "",
         "| " + " | ".join(HEADER) + " |",
