@@ -36,6 +36,16 @@ TARGET_PRESETS = {"executorch": PRESETS, "onnx": PRESETS, "coreml": PRESETS}
 # Bytes per quantization scale as each runtime stores them: XNNPACK keeps int4 group scales as bf16 and int8
 # scales as fp32; MatMulNBits scales take the activation dtype (fp32 here).
 SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 4, 8: 4}, "coreml": {4: 2, 8: 2}}
+
+
+def stored_bytes(model: Any, plan: Any, target: str) -> dict[str, int]:
+    """The plan's predicted bytes in ``target``'s storage: its scale width and the RoPE table it keeps (ONNX:
+    fp32 cos/sin caches of half the head dim; Core ML: fp16 full-width consts; ExecuTorch: none, see Decoder.rope)."""
+    positions, head_dim = model.max_context, model.spec.head_dim
+    rope = {"executorch": 0, "onnx": 2 * positions * head_dim // 2 * 4, "coreml": 2 * positions * head_dim * 2}
+    return predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target], rope_table_bytes=rope[target])
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
 # Default 4-bit size budget over all-4-bit, spent on 8-bit copies of the most sensitive tensors (1.1-1.6 MB on the
@@ -161,7 +171,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
             plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
         plan = mixed_precision(model, plan, loaded, opts, target, say, log)
-        predicted = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])
+        predicted = stored_bytes(model, plan, target)
         say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
         with log.stage("quantize"):
             quantized = compute_quantized(model, plan, loaded, opts.calibration, say)
@@ -252,7 +262,7 @@ def mixed_precision(
     if loaded.tokenizer_dir is None:
         plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
         return plan
-    base = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])["total"]
+    base = stored_bytes(model, plan, target)["total"]
     cap = opts.size_budget_mb * 1e6 if opts.size_budget_mb else base * (1 + MIXED_SLACK[target])
     budget = int(cap - base)
     if budget <= 0:

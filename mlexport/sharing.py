@@ -106,8 +106,12 @@ def tensor_bytes(
     raise ValueError(f"unknown scheme {scheme}")
 
 
-def predicted_bytes(model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, int] | None = None) -> dict[str, int]:
-    """Unique bytes the plan implies: planned tensors once each (shared uses free), plus float leftovers."""
+def predicted_bytes(
+    model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, int] | None = None, rope_table_bytes: int = 0
+) -> dict[str, int]:
+    """Unique bytes the plan implies: planned tensors once each (shared uses free), plus float leftovers and the
+    RoPE tables a target stores (``rope_table_bytes``: the decoder computes them per call, ONNX and Core ML keep
+    a table)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     shapes = {name: p.shape for name, p in params.items()}
     planned = 0
@@ -128,9 +132,10 @@ def predicted_bytes(model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, in
             continue
         seen.add(id(p))
         float_bytes += p.numel() * (2 if plan.dtype == "fp16" else 4)
-    for name, b in model.named_buffers():  # constant tables (RoPE); KV caches are planned memory, not stored
+    for name, b in model.named_buffers():  # constant tables; KV caches are planned memory, not stored
         if not name.startswith("caches."):
             float_bytes += b.numel() * b.element_size()
+    float_bytes += rope_table_bytes
     return {"quantized": planned, "float": float_bytes, "total": planned + float_bytes}
 
 

@@ -18,14 +18,13 @@ from mlexport.validate.corpus import load_corpus
 
 from mlexport.model import build_decoder
 from mlexport.pipeline import (
-    SCALE_BYTES,
     ExportOptions,
     StageLog,
     compute_quantized,
     mixed_precision,
+    stored_bytes,
     weight_only,
 )
-from mlexport.sharing import predicted_bytes
 from mlexport.sources import LoadedModel
 from mlexport.tokenizer import Tokenizer
 
@@ -80,7 +79,7 @@ def sweep(
             plan = weight_only(plan)
         say(f"{label}: planning")
         plan = mixed_precision(model, plan, loaded, opts, target, say, StageLog())
-        size = predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target])["total"]
+        size = stored_bytes(model, plan, target)["total"]
         values = compute_quantized(model, plan, loaded, None, say)
         if opts.quant != "fp32":
             apply_plan(model, plan, values)
