@@ -14,7 +14,7 @@ from tiny import VOCAB, llama_config, random_state_dict, save_hf_dir
 
 from mlexport.generate import generate
 from mlexport.model import build_decoder
-from mlexport.pipeline import ExportOptions, run_export
+from mlexport.pipeline import ExportOptions, run_export, stored_bytes
 from mlexport.sources import load_model
 
 TOKENS = [int(t) for t in torch.randint(3, VOCAB, (14,), generator=torch.Generator().manual_seed(5))]
@@ -38,8 +38,17 @@ def ls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _export(model_dir: Path, out: Path, quant: str) -> Path:
-    return run_export(ExportOptions(model=str(model_dir), quant=quant, out=out, max_context=64))[0]
+def _export(model_dir: Path, out: Path, quant: str, size_budget_mb: float | None = None) -> Path:
+    opts = ExportOptions(model=str(model_dir), quant=quant, out=out, max_context=64, size_budget_mb=size_budget_mb)
+    return run_export(opts)[0]
+
+
+def _budget_over_all_4bit(model_dir: Path, slack: float) -> float:
+    """An explicit mixed-precision cap: the default 1.25% buys no 8-bit tensor on a model this small."""
+    loaded = load_model(str(model_dir))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    plan = plan_quantization(model, "4bit", 32, "shared8", True, "gptq")
+    return stored_bytes(model, plan, "executorch")["total"] * (1 + slack) / 1e6
 
 
 def _eager_reference(model_dir: Path) -> np.ndarray:
@@ -101,7 +110,7 @@ def test_every_linear_quantized_with_valid_groups() -> None:
 def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -> None:
     import json
 
-    artifact = _export(tiny_dir, tmp_path / "q4", "4bit")
+    artifact = _export(tiny_dir, tmp_path / "q4", "4bit", _budget_over_all_4bit(tiny_dir, 0.05))
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["quant"] == "4bit" and manifest["target"] == "executorch"
     assert {f["path"] for f in manifest["files"]} >= {"model.pte", "model.ptd", "tokenizer.json"}
