@@ -138,21 +138,27 @@ def _cached_self_generated(model: nn.Module, model_sha256: str | None) -> list[l
     params = json.dumps(SELF_GENERATED, sort_keys=True)
     key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}".encode()).hexdigest()[:32]
     path = cache_dir() / "calibration" / f"{key}.json" if model_sha256 else None
+    return _json_cached(path, lambda: self_generated(model, **SELF_GENERATED))
+
+
+def _json_cached(path: Path | None, compute: Callable[[], Any]) -> Any:
+    """``compute()``, cached as JSON at ``path`` (None: not cached). A torn or unreadable file is recomputed, and
+    failing to write the cache is not an error: it is only an optimization."""
     if path and path.is_file():
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             pass
-    generated = self_generated(model, **SELF_GENERATED)
+    result = compute()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(generated))
+            tmp.write_text(json.dumps(result))
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
-    return generated
+    return result
 
 
 def quantize_weights(
@@ -418,18 +424,4 @@ def sensitivity_cached(
     text, info = calibration_info(calibration)
     key = cache_key(model_sha256, dataclasses.replace(plan, calibration=info, mixed={"n": SENSITIVITY_TOKENS}))
     path = cache_dir() / "quantized" / f"{key}.sensitivity.json" if key else None
-    if path and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    result = tensor_sensitivity(model, plan, Tokenizer(tokenizer_dir).encode(text), progress)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(result))
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    return result
+    return _json_cached(path, lambda: tensor_sensitivity(model, plan, Tokenizer(tokenizer_dir).encode(text), progress))
