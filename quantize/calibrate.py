@@ -383,6 +383,11 @@ def prepare(
     windows = None
     if "gptq" in methods:
         recorded = plan.calibration
+        if recorded and recorded["name"] == "python-pydoc-topics":  # the default before ALGORITHM_VERSION 4
+            raise MlexportError(
+                "this artifact was quantized by an older mlexport (pydoc-only calibration, GPTQ damping 0.01), "
+                "whose values this version does not reproduce; re-export it with this version"
+            )
         if calibration is None and recorded and recorded["name"] != DEFAULT_CALIBRATION:
             calibration = Path(recorded["name"])
         if tokenizer_dir is None:

@@ -3,6 +3,7 @@ mixed precision must respect its budget and pick by measured sensitivity; result
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,9 @@ def test_prepare_is_cached_and_reproducible(tiny: Path, tmp_path: Path, monkeypa
     for name, q in first.items():
         assert torch.equal(q.qdata, again[name].qdata) and torch.equal(q.qdata, fresh[name].qdata)
         assert q.zero_point is not None and torch.equal(q.zero_point, fresh[name].zero_point)
+    legacy = dataclasses.replace(plan, calibration={"name": "python-pydoc-topics", "sha256": "0" * 64})
+    with pytest.raises(MlexportError, match="re-export it with this version"):
+        prepare(model, legacy, loaded.source["sha256"], loaded.tokenizer_dir)
     changed = tmp_path / "calib.txt"
     changed.write_text("other text " * 50)
     with pytest.raises(MlexportError, match="changed since export"):
