@@ -230,10 +230,15 @@ def set_quantized_weights(
                                 f"quantized values {tuple(qw.qdata.shape)}"
                             )
                         int_type = types.np_int4_dtype if qw.bits == 4 else np.int8
+                        float_type = op.outputs[0].val.dtype
+                        offset = None
+                        if qw.zero_point is not None:  # a reused Q4_1 grid's zero points are fractional: float
+                            zero = qw.zero_point.numpy()
+                            offset = zero.astype(float_type if qw.zero_point.is_floating_point() else int_type)
                         new = mb.constexpr_blockwise_shift_scale(
                             data=qw.qdata.numpy().astype(int_type),
-                            scale=qw.scale.numpy().astype(op.outputs[0].val.dtype),
-                            offset=None if qw.zero_point is None else qw.zero_point.numpy().astype(int_type),
+                            scale=qw.scale.numpy().astype(float_type),
+                            offset=offset,
                             before_op=op,
                             name=op.name + "_quantized",
                         )

@@ -53,6 +53,16 @@ class GraphWriter:
             self.sources[name] = serves or [name]
         return name
 
+    def fp16_const(self, name: str, array: np.ndarray, serves: list[str] | None = None) -> str:
+        """A float constant stored as fp16 and read as fp32 through a Cast: onnxruntime folds the Cast into an fp32
+        initializer when the session loads (so MatMulNBits still prepacks it), while the file keeps half the bytes.
+        Used for quantization scales and float zero points, whose fp16 rounding is far below the 4-bit step."""
+        stored = self.const(name, np.asarray(array, np.float32).astype(np.float16), serves)
+        cast = f"{name}/fp32"
+        if not any(cast in n.output for n in self.nodes):
+            self.nodes.append(self.helper.make_node("Cast", [stored], [cast], name=f"/cast_{name}", to=1))
+        return cast
+
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str = "", **attrs: Any) -> Any:
         self._count += 1
         base = f"/{name or op.lower()}_{self._count}"
@@ -83,13 +93,15 @@ class LinearWriter:
         self, key: str, names: list[str], weights: list[torch.Tensor], serves: list[str] | None = None
     ) -> tuple[str, str, str | None, int, int, int]:
         """(B, scales, zero points or None, bits, block, N) for the row-concatenation of ``weights`` (one packed
-        QKV, or a single one). Zero points are uint8, shifted like B, two 4-bit ones to a byte, padded per row."""
+        QKV, or a single one). Integer zero points are uint8, shifted like B, two 4-bit ones to a byte, padded per
+        row; float ones (a reused Q4_1 grid) are one per block, shifted too. Scales and float zero points are
+        stored as fp16 (``GraphWriter.fp16_const``)."""
         parts = [_intx_parts(w, n) for w, n in zip(weights, names, strict=True)]
         bits = {p[2] for p in parts}
         blocks = {p[3] for p in parts}
-        asym = {p[4] is not None for p in parts}
-        if len(bits) != 1 or len(blocks) != 1 or len(asym) != 1:
-            raise MlexportError(f"cannot pack {names}: mixed quantization {bits} / {blocks} / zero points {asym}")
+        zero_kinds = {None if p[4] is None else p[4].dtype.kind for p in parts}
+        if len(bits) != 1 or len(blocks) != 1 or len(zero_kinds) != 1:
+            raise MlexportError(f"cannot pack {names}: mixed quantization {bits} / {blocks} / zero points {zero_kinds}")
         q = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts]).astype(np.float32)
         bit, block = bits.pop(), blocks.pop()
@@ -98,9 +110,13 @@ class LinearWriter:
         if bit == 4:
             u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
         b = self.g.const(f"{key}.qweight", u, serves or names)
-        s = self.g.const(f"{key}.scales", scale.reshape(n, k // block), serves or names)
+        s = self.g.fp16_const(f"{key}.scales", scale.reshape(n, k // block), serves or names)
         zp = None
-        if asym.pop():
+        kind = zero_kinds.pop()
+        if kind == "f":
+            z = np.concatenate([p[4] for p in parts]).astype(np.float32) + (1 << (bit - 1))
+            zp = self.g.fp16_const(f"{key}.zero_points", z.reshape(n, k // block), serves or names)
+        elif kind is not None:
             z = (np.concatenate([p[4] for p in parts]).astype(np.int16) + (1 << (bit - 1))).astype(np.uint8)
             if bit == 4:
                 if z.shape[1] % 2:
@@ -146,7 +162,7 @@ class LinearWriter:
 
 
 def _pack_key(q: Any) -> tuple:
-    return (q.scheme, q.bits, q.group_size, q.asymmetric) if q is not None else ()
+    return (q.scheme, q.bits, q.group_size, q.asymmetric, q.source) if q is not None else ()
 
 
 def _fqn(module: nn.Module) -> str:
@@ -161,7 +177,11 @@ def _intx_parts(weight: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray
     if qdata is None or scale is None:
         raise MlexportError(f"{name} is not a torchao intx tensor ({type(data).__name__}); cannot map it to ONNX")
     zero = getattr(data, "zero_point", None)
-    zero = zero.to(torch.int8).reshape(scale.shape[0], -1).numpy() if zero is not None and zero.any() else None
+    if zero is not None and zero.any():
+        zero = zero.reshape(scale.shape[0], -1)
+        zero = (zero.float() if zero.is_floating_point() else zero.to(torch.int8)).numpy()
+    else:
+        zero = None
     bits = {torch.int4: 4, torch.int8: 8}.get(data.target_dtype)
     if bits is None:
         raise MlexportError(f"{name}: {data.target_dtype} has no MatMulNBits mapping")

@@ -292,7 +292,7 @@ def quantize_sweep(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{model} → {target}: drift vs fp32 over {rows[0]['tokens']} corpus tokens (eager)")
-    for column in ("preset", "bits/weight", "MB", "KLD mean", "same top-1 %", "PPL ratio", "8-bit tensors"):
+    for column in ("preset", "bits/weight", "MB", "KLD mean", "same top-1 %", "PPL ratio", "upgraded tensors"):
         table.add_column(column, justify="left" if column == "preset" else "right")
     for r in rows:
         table.add_row(
@@ -572,14 +572,19 @@ def _calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] |
 
 
 def _mixed_summary(mixed: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The 8-bit upgrades, most sensitive first, in a form a reader can scan."""
+    """The upgrades, most sensitive first, in a form a reader can scan: 8-bit ones, and source grids reused."""
     if not mixed:
         return None
-    return {
+    ups = mixed["upgrades"]
+    summary = {
         "budget_mb": round(mixed["budget_bytes"] / 1e6, 2),
         "spent_mb": round(mixed["spent_bytes"] / 1e6, 2),
-        "at_8bit": [u["tensor"] for u in mixed["upgrades"]],
+        "at_8bit": [u["tensor"] for u in ups if u.get("to", "int8") == "int8"],
     }
+    exact = [u["tensor"] for u in ups if u.get("to", "").startswith("source")]
+    if exact:
+        summary["source_grid_reused"] = exact
+    return summary
 
 
 def _blob_table(blobs: list[dict[str, Any]]) -> Table:

@@ -106,6 +106,17 @@ def tensor_bytes(
     raise ValueError(f"unknown scheme {scheme}")
 
 
+def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[int, int] | None = None) -> int:
+    """Bytes of one planned tensor (a ``TensorQuant``) with its zero points: integer ones are 4-bit, two to a
+    byte (MatMulNBits, Core ML uint4 offsets); a reused Q4_1 grid's are floats as wide as its scales."""
+    numel, rows = int(torch.Size(shape).numel()), int(shape[0])
+    total = tensor_bytes(numel, rows, q.scheme, q.group_size, scale_bytes)
+    if q.asymmetric:
+        groups = numel // (q.group_size or int(shape[1]))
+        total += groups * (scale_bytes or {4: 2, 8: 4})[q.bits] if q.float_zero else (groups + 1) // 2
+    return total
+
+
 def predicted_bytes(
     model: nn.Module, plan: QuantPlan, scale_bytes: dict[int, int] | None = None, rope_table_bytes: int = 0
 ) -> dict[str, int]:
@@ -120,11 +131,7 @@ def predicted_bytes(
         if q.shares or (q.bits >= 16 and id(params[name]) in counted):  # a float tie is one tensor
             continue
         counted.add(id(params[name]))
-        shape = shapes[name]
-        numel = int(torch.Size(shape).numel())
-        planned += tensor_bytes(numel, int(shape[0]), q.scheme, q.group_size, scale_bytes)
-        if q.asymmetric:  # one 4-bit zero point per group, two to a byte (MatMulNBits, Core ML uint4 offsets)
-            planned += (numel // (q.group_size or int(shape[1])) + 1) // 2
+        planned += planned_tensor_bytes(shapes[name], q, scale_bytes)
     float_bytes = 0
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -166,6 +173,8 @@ def logical_tensor(key: str, source_fqn: str) -> tuple[str, str]:
     match = _PARAMETRIZED.search(source_fqn)
     name = source_fqn[: match.start()] + "." + match.group(1) if match else source_fqn
     part = _PARTS.get(match.group(2), "aux") if match else "data"
+    if key.endswith(".zero_points"):  # ONNX MatMulNBits / GatherBlockQuantized zero points
+        return name, "zero_point"
     return name, "scale" if key.startswith("scale_") or key.endswith(".scales") else part
 
 

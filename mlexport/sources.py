@@ -47,6 +47,8 @@ class LoadedModel:
     state_dict: dict[str, torch.Tensor]
     tokenizer_dir: Path | None
     source: dict[str, Any] = field(default_factory=dict)  # kind, path, sha256, notes
+    # The integer grid of each already-quantized source tensor (GGUF Q4_0/Q4_1/Q8_0), for lossless re-export
+    source_grids: dict[str, Any] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -370,12 +372,19 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
         eos_ids=[int(eos)] if eos is not None else [],
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
+    from mlexport.quantize.source_grid import SOURCE_TYPES, decode_blocks, permute_rows
+
     sd: dict[str, torch.Tensor] = {}
+    grids: dict[str, Any] = {}
     quant_types: dict[str, str] = {}
     for t in reader.tensors:
         values = gguf.quants.dequantize(t.data, t.tensor_type)
-        tensor = torch.from_numpy(values.copy()).float().reshape([int(x) for x in reversed(t.shape.tolist())])
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        tensor = torch.from_numpy(values.copy()).float().reshape(shape)
         quant_types[t.name] = t.tensor_type.name
+        grid = None
+        if t.tensor_type.name in SOURCE_TYPES and len(shape) == 2:
+            grid = decode_blocks(t.data, t.tensor_type.name, shape[0], shape[1])
         parts = t.name.split(".")
         if t.name == "token_embd.weight":
             key = "embed_tokens.weight"
@@ -388,14 +397,19 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
             if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
                 n = heads[int(parts[1])] if parts[2] == "attn_q" else kv[int(parts[1])]
                 tensor = _unpermute_rope(tensor, n)
+                if grid is not None:
+                    grid = permute_rows(grid, lambda x, n=n: _unpermute_rope(x, n))
         else:
             continue  # rope_freqs and other derived tensors are recomputed from the spec
         sd[key] = tensor
+        if grid is not None:
+            grids[key] = grid
     return LoadedModel(
         spec=spec,
         state_dict=sd,
         tokenizer_dir=gguf_tokenizer_dir(path),
         source={"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path), "gguf_types": quant_types},
+        source_grids=grids,
     )
 
 

@@ -34,8 +34,14 @@ class TensorQuant:
     group_size: int | None = None
     note: str | None = None
     shares: str | None = None  # this use reads another tensor's quantized bytes (quantized once, stored once)
-    method: str = "rtn"  # "rtn" | "search" | "gptq" (mlexport.quantize.algorithms)
-    asymmetric: bool = False  # integer zero point per group
+    method: str = "rtn"  # "rtn" | "search" | "gptq" (mlexport.quantize.algorithms) | "source" (the source's grid)
+    asymmetric: bool = False  # a zero point per group
+    source: str | None = None  # "source" method: the GGUF type whose grid is reused exactly (Q4_0 | Q4_1)
+
+    @property
+    def float_zero(self) -> bool:
+        """Q4_1's zero points (-8 - min/scale) are fractional: stored as floats, not 4-bit integers."""
+        return self.source == "Q4_1"
 
 
 @dataclass
@@ -77,7 +83,7 @@ class QuantPlan:
         for q in self.tensors.values():
             key = q.scheme if q.group_size is None else f"{q.scheme}/g{q.group_size}"
             if q.bits < 16 and not q.shares:
-                key += f" {q.method}{' asym' if q.asymmetric else ''}"
+                key += f" {q.method}{' ' + q.source if q.source else ' asym' if q.asymmetric else ''}"
             counts[key] = counts.get(key, 0) + 1
         return counts
 

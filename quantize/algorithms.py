@@ -49,17 +49,25 @@ def _expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
 def _params(
     w: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of ``w`` [..., G] for its range shrunk by ``ratio``; zero is 0 when symmetric."""
+    """(scale, zero) per row of ``w`` [..., G] for its range shrunk by ``ratio``; zero is 0 when symmetric.
+
+    Scales are rounded to fp16 before anything is rounded against them: Core ML and ONNX store fp16 scales, so the
+    integers are chosen for the scale the runtime will actually multiply by."""
     qmin, qmax = qrange(bits)
     if symmetric:
         amax = w.abs().amax(dim=-1) * ratio  # ratio: a float or a tensor broadcasting over leading dims
-        scale = (amax / ((qmax - qmin) / 2)).clamp(min=1e-10)  # torchao's symmetric choice: amax / 7.5 at 4 bits
+        scale = _fp16(amax / ((qmax - qmin) / 2))  # torchao's symmetric choice: amax / 7.5 at 4 bits
         return scale, torch.zeros_like(scale)
     lo = (w.amin(dim=-1).clamp(max=0)) * ratio
     hi = (w.amax(dim=-1).clamp(min=0)) * ratio
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-10)
+    scale = _fp16((hi - lo) / (qmax - qmin))
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
     return scale, zero
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 (kept as fp32); never below fp16's smallest step, so no scale is zero."""
+    return scale.half().float().clamp(min=2.0**-24)
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from mlexport.errors import MlexportError
 
 CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 256
-ALGORITHM_VERSION = "4"  # bump when a quantizer's output changes, so cached results are not reused
+ALGORITHM_VERSION = "5"  # bump when a quantizer's output changes, so cached results are not reused
 DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
 # The default text's second part: the model's own samples (LLM-QAT's data-free calibration), 3,072 of the 8,192
 # tokens. On the demo it lowered held-out drift (GPL-3 text: KLD 0.20 -> 0.16, greedy agreement 77% -> 83%) for
@@ -162,21 +162,33 @@ def _json_cached(path: Path | None, compute: Callable[[], Any]) -> Any:
 
 
 def quantize_weights(
-    model: nn.Module, plan: QuantPlan, windows: list[list[int]] | None, progress: Progress | None = None
+    model: nn.Module,
+    plan: QuantPlan,
+    windows: list[list[int]] | None,
+    progress: Progress | None = None,
+    source_grids: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantized values for every tensor the plan gives a method other than torchao's RTN.
 
+    Tensors planned as ``source`` take the grid the source already stores (``source_grids``, lossless re-export);
+    their float weights are that grid dequantized, so GPTQ on later blocks sees them exactly as they will run.
     Returns ``{weight name: QuantizedWeight}``; ``model`` itself is not changed.
     """
     wanted = {name: q for name, q in plan.tensors.items() if q.bits in (4, 8) and not q.shares and _ours(q)}
+    results: dict[str, QuantizedWeight] = {}
+    for name in [n for n, q in wanted.items() if q.method == "source"]:
+        grid = (source_grids or {}).get(name)
+        if grid is None:
+            raise MlexportError(f"{name}: the plan reuses the source's grid, but the source stores none for it")
+        results[name] = grid
+        del wanted[name]
     if not wanted:
-        return {}
+        return results
     needs_data = any(q.method == "gptq" for q in wanted.values())
     if needs_data and not windows:
         raise MlexportError("GPTQ needs calibration text; pass --calibration FILE or choose --quantizer search")
     work = copy.deepcopy(model)
     modules = dict(work.named_modules())
-    results: dict[str, QuantizedWeight] = {}
     with torch.no_grad():
         if needs_data:
             _sequential(work, wanted, windows or [], results, progress)
@@ -223,8 +235,9 @@ def _sequential(
             runs += 1
         block = work.layers[b]
         if b not in done:
-            hessians = _collect_hessians(work, block, hidden, runs)
-            _quantize_block(block, f"layers.{b}.", wanted, hessians, results)
+            if any(name.startswith(f"layers.{b}.") for name in wanted):  # a block kept exact needs no Hessian
+                hessians = _collect_hessians(work, block, hidden, runs)
+                _quantize_block(block, f"layers.{b}.", wanted, hessians, results)
             done.add(b)
             if progress:
                 progress(len(done), n_blocks)
@@ -370,6 +383,7 @@ def prepare(
     tokenizer_dir: Path | None,
     calibration: Path | None = None,
     progress: Progress | None = None,
+    source_grids: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """The plan's quantized values, from the cache when this model, plan and text were quantized before.
 
@@ -406,7 +420,7 @@ def prepare(
     cached = load_cached(path) if path else None
     if cached is not None:
         return cached
-    results = quantize_weights(model, plan, windows, progress)
+    results = quantize_weights(model, plan, windows, progress, source_grids)
     if path:
         save_cached(path, results)
     return results

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from mlexport.quantize import QuantPlan, TensorQuant
-from mlexport.quantize.algorithms import rtn
+from mlexport.quantize.algorithms import QuantizedWeight, rtn
 from torch import nn
 
-from mlexport.sharing import tensor_bytes
+from mlexport.sharing import planned_tensor_bytes
 
 SENSITIVITY_TOKENS = 128
 Progress = Callable[[int, int], None]
@@ -87,9 +87,19 @@ def _block(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 def upgrade_cost(shape: torch.Size, q: TensorQuant, upgraded: TensorQuant, scale_bytes: dict[int, int]) -> int:
-    numel, rows = int(shape.numel()), int(shape[0])
-    return tensor_bytes(numel, rows, upgraded.scheme, upgraded.group_size, scale_bytes) - tensor_bytes(
-        numel, rows, q.scheme, q.group_size, scale_bytes
+    return planned_tensor_bytes(shape, upgraded, scale_bytes) - planned_tensor_bytes(shape, q, scale_bytes)
+
+
+def exact_option(q: TensorQuant, grid: QuantizedWeight | None, kinds: tuple[str, ...]) -> TensorQuant | None:
+    """The plan entry that reuses a source tensor's own grid (lossless re-export), when the target represents
+    it (``kinds``: the GGUF types it can run exactly) and it is the grid the plan asked for (bits and group)."""
+    if grid is None or grid.bits != q.bits or grid.group_size != q.group_size:
+        return None
+    kind = "Q4_0" if grid.zero_point is None else "Q4_1"
+    if q.bits != 4 or kind not in kinds:
+        return None
+    return dataclasses.replace(
+        q, method="source", asymmetric=grid.zero_point is not None, source=kind, note=f"reuses the source's {kind} grid"
     )
 
 
@@ -100,14 +110,19 @@ def choose_upgrades(
     budget_bytes: int,
     scale_bytes: dict[int, int],
     int8_group: int | None,
+    exact: dict[str, TensorQuant] | None = None,
 ) -> tuple[QuantPlan, list[dict[str, float | str | int]]]:
-    """Move the most sensitive tensors per byte to 8 bits until ``budget_bytes`` is spent; return the new plan and
-    the list of upgrades (for the manifest)."""
+    """Spend ``budget_bytes`` on the tensors whose 4-bit error costs the most KLD per extra byte; return the new
+    plan and the upgrades (for the manifest).
+
+    A tensor's upgrade is 8 bits, or, when ``exact`` offers it, the source's own grid: that removes the tensor's
+    re-quantization error entirely for the price of its zero points, an eighth of what 8 bits cost.
+    """
     shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
     ranked = []
     for name, kld in sensitivity.items():
         q = plan.tensors[name]
-        upgraded = dataclasses.replace(
+        upgraded = (exact or {}).get(name) or dataclasses.replace(
             q, scheme=q.scheme.replace("int4", "int8"), bits=8, group_size=int8_group, asymmetric=False, note=None
         )
         cost = upgrade_cost(shapes[name], q, upgraded, scale_bytes)
@@ -121,5 +136,6 @@ def choose_upgrades(
             continue
         tensors[name] = upgraded
         spent += cost
-        chosen.append({"tensor": name, "kld_alone_at_4bit": round(kld, 6), "extra_bytes": cost})
+        to = f"source {upgraded.source}" if upgraded.method == "source" else f"int{upgraded.bits}"
+        chosen.append({"tensor": name, "kld_alone_at_4bit": round(kld, 6), "extra_bytes": cost, "to": to})
     return dataclasses.replace(plan, tensors=tensors, notes=list(plan.notes)), chosen

@@ -154,3 +154,46 @@ def test_palettized_package_runs_in_the_interpreter(models: dict[str, Path], tmp
     got, ref = _interpreted(artifact), _eager(models["llama"])
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() > 0.9, cos
+
+
+def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
+    """Issue #8's lossless re-export on Core ML: each Q4_1 block becomes constexpr_blockwise_shift_scale with the
+    GGUF's own 4-bit values, its fp16 scale, and an fp16 offset (the fractional zero point) that expands back to
+    the source weights; the interpreter then runs the package like the eager reference."""
+    from mlexport.quantize import QuantPlan
+    from mlexport.validate.drift import quantized_reference
+    from mlexport.validate.mil_interpreter import MilInterpreter
+    from test_sources import write_tiny_gguf
+
+    save_hf_dir(tmp_path / "hf", llama_config())
+    write_tiny_gguf(tmp_path / "m.gguf", tmp_path / "hf", blocks="Q4_1")
+    opts = ExportOptions(
+        model=str(tmp_path / "m.gguf"),
+        target="coreml",
+        quant="4bit",
+        out=tmp_path / "cm",
+        max_context=64,
+        size_budget_mb=50,
+    )
+    artifact = run_export(opts)[0]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    plan = QuantPlan.from_dict(manifest["quant_plan"])
+    body = [k for k in plan.tensors if k.startswith("layers.")]
+    assert all((plan.tensors[k].method, plan.tensors[k].source) == ("source", "Q4_1") for k in body)
+    loaded = load_model(str(tmp_path / "m.gguf"))
+    program = MilInterpreter(artifact / PACKAGE_NAME)
+    expanded = {}
+    for op in program.function.operations:
+        if op.op_type == "constexpr_blockwise_shift_scale" and op.offset is not None:
+            assert op.offset.val.dtype == np.float16
+            expanded[op.name] = np.asarray(op.materialized_val_inference(), np.float32)
+    assert len(expanded) == len(body)
+    for key in body:
+        want = loaded.state_dict[key].numpy()
+        step = loaded.source_grids[key].scale.repeat_interleave(32, dim=1).numpy()
+        match = [v for v in expanded.values() if v.shape == want.shape and np.abs(v - want).max() <= 0.01 * step.max()]
+        assert match, key
+    got = _interpreted(artifact)
+    with torch.no_grad():
+        ref = quantized_reference(loaded, manifest, max_context=64)(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(got - ref).max() <= 2e-2 * max(1.0, np.abs(ref).max())

@@ -143,3 +143,62 @@ def test_loads_in_onnxruntime_genai(models: dict[str, Path], tmp_path: Path) -> 
     generator.append_tokens(TOKENS[:PREFILL])
     generator.generate_next_token()
     assert len(generator.get_sequence(0)) == PREFILL + 1
+
+
+def _matmulnbits_weights(artifact: Path) -> dict[str, np.ndarray]:
+    """Each MatMulNBits weight rebuilt from the file's own bytes: (u - zero point) * scale, per 32-block."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(artifact / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        b, s, *zp = (inits[casts.get(i, i)] for i in node.input[1:])
+        n, blocks, _ = b.shape
+        u = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
+        zero = zp[0].astype(np.float32)[..., None] if zp else 8.0
+        out[node.input[1].removesuffix(".qweight")] = ((u - zero) * s.astype(np.float32)[..., None]).reshape(n, -1)
+    return out
+
+
+def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
+    """Issue #8's lossless re-export: a Q4_1 GGUF's blocks reach MatMulNBits unchanged (fp16 scales, float zero
+    points), and the artifact runs them as validation's own reference does."""
+    from test_sources import write_tiny_gguf
+
+    save_hf_dir(tmp_path / "hf", llama_config())
+    write_tiny_gguf(tmp_path / "m.gguf", tmp_path / "hf", blocks="Q4_1")
+    artifact = _export(tmp_path / "m.gguf", tmp_path / "onnx", "4bit", size_budget_mb=50, accuracy_level=0)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    plan = manifest["quant_plan"]
+    body = [k for k in plan["tensors"] if k.startswith("layers.")]
+    assert all((plan["tensors"][k]["method"], plan["tensors"][k]["source"]) == ("source", "Q4_1") for k in body)
+    assert {u["to"] for u in plan["mixed"]["upgrades"]} == {"source Q4_1"}
+    assert manifest["storage"]["duplicated_bytes"] == 0 and not manifest["warnings"]  # zero points are their own part
+    loaded = load_model(str(tmp_path / "m.gguf"))
+    rebuilt = _matmulnbits_weights(artifact)
+    for key in body:
+        module = key.removesuffix(".weight")
+        grid = loaded.source_grids[key]
+        if module in rebuilt:
+            rows = rebuilt[module]
+        else:  # q/k/v packed into one MatMulNBits: q's 64 rows, then k's 32, then v's 32
+            rows = rebuilt[module.rsplit(".", 1)[0] + ".qkv_proj"]
+            start = {"q_proj": 0, "k_proj": 64, "v_proj": 96}[module.rsplit(".", 1)[1]]
+            rows = rows[start : start + grid.qdata.shape[0]]
+        step = grid.scale.repeat_interleave(32, dim=1).numpy()
+        error = np.abs(rows - loaded.state_dict[key].numpy()) / step
+        assert error.max() <= 0.01, (key, error.max())  # the fp16 rounding of the zero point, not a re-rounding
+    reference = quantized_reference(loaded, manifest, max_context=64)
+    got, want = _artifact_logits(artifact), _eager(reference)
+    assert np.abs(got - want).max() <= 1e-3, np.abs(got - want).max()
+    # the drift report says which part of the artifact is the source's grid, not our quantizer's work
+    from mlexport.validate.pipeline import run_validation
+
+    result, _ = run_validation([artifact], str(tmp_path / "m.gguf"), tmp_path / "report", max_tokens=64, window=32)
+    assert result["artifacts"][0]["source_grid_reused"] == {"types": ["Q4_1"], "tensors": 14, "of_quantized": 15}
+    assert "re-export the source's own Q4_1 grid unchanged" in (tmp_path / "report" / "report.md").read_text()

@@ -73,10 +73,12 @@ def test_rtn_symmetric_is_torchaos_grid() -> None:
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
     ours = rtn(w, 4, 32, True)
     diff = (model[0].weight.qdata.int() - ours.qdata.int()).abs()
-    # Each group's largest magnitude lands exactly on ±7.5 (a tie, 1 value in 32); the two round it differently
-    # in the last bit of float arithmetic. Nothing else may differ.
-    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1 / 32
-    assert torch.allclose(model[0].weight.scale.float(), ours.scale, rtol=1e-6)
+    # Ours rounds each scale to fp16 first (what Core ML and ONNX store), so a value within that rounding of a
+    # boundary may land one step over, and each group's largest magnitude sits exactly on ±7.5 (a tie, 1 value in
+    # 32). Nothing else may differ.
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1 / 32 + 0.005
+    assert torch.allclose(model[0].weight.scale.float(), ours.scale, rtol=2.0**-11)
+    assert torch.equal(ours.scale, ours.scale.half().float())
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +152,12 @@ def test_prepare_is_cached_and_reproducible(tiny: Path, tmp_path: Path, monkeypa
 def test_mixed_precision_spends_the_budget_on_the_most_sensitive(tiny: Path) -> None:
     loaded = load_model(str(tiny))
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
-    # Make one tensor clearly the most sensitive: large outliers in a few rows make 4-bit groups coarse.
-    victim = "layers.1.mlp.down_proj.weight"
-    model.layers[1].mlp.down_proj.weight.data[:, ::7] *= 25
+    # Make one tensor clearly the most sensitive without changing what it computes: a huge weight on an input
+    # channel the norm zeroes makes every 4-bit group of gate_proj coarse, so its other weights round to 0.
+    victim = "layers.1.mlp.gate_proj.weight"
+    model.layers[1].post_attention_layernorm.weight.data[::32] = 0
+    gate = model.layers[1].mlp.gate_proj.weight.data
+    gate[:, ::32] = 100 * gate.abs().max()
     plan = plan_quantization(model, "4bit", 32, "shared8", True, "gptq")
     tokens = Tokenizer(loaded.tokenizer_dir).encode(default_calibration_text())
     sensitivity = tensor_sensitivity(model, plan, tokens)

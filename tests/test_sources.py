@@ -36,7 +36,9 @@ def _permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, hf_dir: Path) -> None:
+def write_tiny_gguf(path: Path, hf_dir: Path, blocks: str | None = None) -> None:
+    """A GGUF of the tiny HF model; ``blocks`` (e.g. "Q4_1") stores the decoder's 2-D weights quantized like
+    llama.cpp does (the embedding as Q8_0), as the demo model's file is."""
     import gguf
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -75,10 +77,18 @@ def write_tiny_gguf(path: Path, hf_dir: Path) -> None:
         "input_layernorm": "attn_norm",
         "post_attention_layernorm": "ffn_norm",
     }
+
+    def add(name: str, arr: np.ndarray, kind: str | None) -> None:
+        if kind is None or arr.ndim != 2:
+            writer.add_tensor(name, arr)
+            return
+        qtype = gguf.GGMLQuantizationType[kind]
+        writer.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+
     for key, value in sd.items():
         arr = value.float().numpy()
         if key == "model.embed_tokens.weight":
-            writer.add_tensor("token_embd.weight", arr)
+            add("token_embd.weight", arr, blocks and "Q8_0")
         elif key == "model.norm.weight":
             writer.add_tensor("output_norm.weight", arr)
         else:
@@ -88,7 +98,7 @@ def write_tiny_gguf(path: Path, hf_dir: Path) -> None:
                 arr = _permute_for_gguf(arr, cfg["num_attention_heads"])
             if module == "self_attn.k_proj":
                 arr = _permute_for_gguf(arr, cfg["num_key_value_heads"])
-            writer.add_tensor(f"blk.{idx}.{names[module]}.weight", arr)
+            add(f"blk.{idx}.{names[module]}.weight", arr, blocks)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -226,3 +236,31 @@ def test_inspect_model_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert code == 0
     info = json.loads(text[text.index("{") :])
     assert info["params_unique"] < info["params_executed"]  # the tie is counted once
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_grid_decodes_to_ggufs_own_dequantization(kind: str) -> None:
+    """The grid read from the raw blocks dequantizes to exactly what the gguf package's dequantizer gives."""
+    import gguf
+    from mlexport.quantize.source_grid import decode_blocks
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 96)).astype(np.float32)
+    w[0, :32] = 0.25  # a constant block: Q4_1 stores d = 0 there
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(w, qtype)
+    grid = decode_blocks(raw, kind, 8, 96)
+    want = gguf.quants.dequantize(raw, qtype).reshape(8, 96)
+    assert grid.group_size == 32 and grid.bits == (8 if kind == "Q8_0" else 4)
+    assert (grid.zero_point is not None) == (kind == "Q4_1")
+    assert np.abs(grid.dequantize().numpy() - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_gguf_loader_keeps_the_grid_of_quantized_tensors(tmp_path: Path) -> None:
+    save_hf_dir(tmp_path / "hf", llama_config())
+    write_tiny_gguf(tmp_path / "tiny.gguf", tmp_path / "hf", blocks="Q4_1")
+    loaded = load_model(str(tmp_path / "tiny.gguf"))
+    body = [k for k in loaded.state_dict if k.startswith("layers.") and loaded.state_dict[k].ndim == 2]
+    assert set(loaded.source_grids) == {*body, "embed_tokens.weight"}
+    for key, grid in loaded.source_grids.items():  # q/k rows un-permuted along with the weights
+        assert (grid.dequantize() - loaded.state_dict[key]).abs().max() <= 1e-6, key

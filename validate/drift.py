@@ -98,7 +98,9 @@ def quantized_reference(loaded: LoadedModel, manifest: dict[str, Any], max_conte
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=max_context)
     if plan.preset == "fp32":
         return model
-    quantized = prepare(model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir)
+    quantized = prepare(
+        model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, source_grids=loaded.source_grids
+    )
     return apply_plan(model, plan, quantized)
 
 
