@@ -173,7 +173,7 @@ def logical_tensor(key: str, source_fqn: str) -> tuple[str, str]:
     match = _PARAMETRIZED.search(source_fqn)
     name = source_fqn[: match.start()] + "." + match.group(1) if match else source_fqn
     part = _PARTS.get(match.group(2), "aux") if match else "data"
-    if key.endswith(".zero_points"):  # ONNX MatMulNBits / GatherBlockQuantized zero points
+    if key.endswith((".zero_points", ".block_offsets")):  # ONNX zero points, or their exact per-block offsets
         return name, "zero_point"
     return name, "scale" if key.startswith("scale_") or key.endswith(".scales") else part
 

@@ -161,13 +161,18 @@ def _matmulnbits_weights(artifact: Path) -> dict[str, np.ndarray]:
         n, blocks, _ = b.shape
         u = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
         zero = zp[0].astype(np.float32)[..., None] if zp else 8.0
-        out[node.input[1].removesuffix(".qweight")] = ((u - zero) * s.astype(np.float32)[..., None]).reshape(n, -1)
+        key = node.input[1].removesuffix(".qweight")
+        w = (u - zero) * s.astype(np.float32)[..., None]
+        if f"{key}.block_offsets" in inits:  # a float-zero-point grid: its exact per-block offsets, [blocks, N]
+            w += inits[f"{key}.block_offsets"].astype(np.float32).T[..., None]
+        out[key] = w.reshape(n, -1)
     return out
 
 
 def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
-    """Issue #8's lossless re-export: a Q4_1 GGUF's blocks reach MatMulNBits unchanged (fp16 scales, float zero
-    points), and the artifact runs them as validation's own reference does."""
+    """Issue #8's lossless re-export: a Q4_1 GGUF's blocks reach MatMulNBits unchanged (its 4-bit values and fp16
+    scales on the fast symmetric kernel, plus an exact per-block offset for the fractional zero points), and the
+    artifact runs them as validation's own reference does."""
     from test_sources import write_tiny_gguf
 
     save_hf_dir(tmp_path / "hf", llama_config())
@@ -179,6 +184,10 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     assert all((plan["tensors"][k]["method"], plan["tensors"][k]["source"]) == ("source", "Q4_1") for k in body)
     assert {u["to"] for u in plan["mixed"]["upgrades"]} == {"source Q4_1"}
     assert manifest["storage"]["duplicated_bytes"] == 0 and not manifest["warnings"]  # zero points are their own part
+    import onnx
+
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    assert all(len(n.input) == 3 for n in graph.node if n.op_type == "MatMulNBits")  # the fast symmetric kernel
     loaded = load_model(str(tmp_path / "m.gguf"))
     rebuilt = _matmulnbits_weights(artifact)
     for key in body:
