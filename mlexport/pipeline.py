@@ -54,7 +54,7 @@ DEFAULT_MAX_CONTEXT = 2048
 # 90 MB (the sharing issue's bar). ONNX's reaches about the onnxruntime-genai builder's int4 size (fp32 scales),
 # which pays for the demo's whole Q4_1 body exactly (+6.6 MB). Core ML's keeps the demo's weight.bin under the
 # Core ML issue's 80 MB, which buys about half of that body's blocks exactly.
-MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.12, "coreml": 0.04}
+MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.09, "coreml": 0.04}
 # Symmetric by default everywhere. XNNPACK runs symmetric weights only. ONNX stays symmetric to match the
 # onnxruntime-genai builder's int4 size (--asymmetric --size-budget 91.8 lowers its KLD from 0.114 to 0.066 on the
 # demo, and from 0.165 to 0.086 on held-out text). Core ML with zero points scored better on corpus KLD, but it
@@ -174,6 +174,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         method = choose_quantizer(opts, loaded)
         asymmetric = ASYMMETRIC_DEFAULT[target] if opts.asymmetric is None else opts.asymmetric
         plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, asymmetric)
+        plan = tie_grid(plan, target, opts.group_size)
         if method != opts.quantizer and opts.quantizer != "auto":
             plan.notes.append(f"--quantizer {opts.quantizer} needs a tokenizer for calibration: used {method}")
         if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
@@ -235,6 +236,20 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     for warning in warnings:
         say(f"warning: {warning}")
     return out
+
+
+def tie_grid(plan: Any, target: str, group_size: int) -> Any:
+    """ONNX's 4-bit tie (``shared4``) gets blocks of 16 with zero points: it serves every logit, and on the demo
+    (with its exact Q4_1 body, eager) that lowered KLD from 0.037 to 0.016 on the built-in corpus and from 0.057
+    to 0.024 on held-out text, for +2.7 MB that the default ONNX budget has spare. GatherBlockQuantized and
+    MatMulNBits both take it. Only at the default group size: an explicit ``--group-size`` is taken as asked."""
+    head = plan.tensors.get("lm_head.weight")
+    if target != "onnx" or plan.tie_mode != "shared4" or head is None or group_size != DEFAULT_GROUP_SIZE:
+        return plan
+    plan.tensors["lm_head.weight"] = dataclasses.replace(head, group_size=16, asymmetric=True)
+    embed = plan.tensors["embed_tokens.weight"]
+    plan.tensors["embed_tokens.weight"] = dataclasses.replace(embed, group_size=16)
+    return plan
 
 
 def weight_only(plan: Any) -> Any:

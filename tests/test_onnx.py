@@ -105,7 +105,8 @@ def test_ls_and_tie_store_each_weight_once(models: dict[str, Path], tmp_path: Pa
         assert storage["duplicated_bytes"] == 0 and manifest["accounting"]["within_slack"], manifest["accounting"]
         assert storage["stored_bytes"] <= 1.03 * manifest["accounting"]["predicted_unique_bytes"]
         tie = [b for b in storage["blobs"] if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
-        assert len(tie) == 2, "the tied table is one int4 tensor plus its scales, read by Gather and MatMul"
+        # one int4 table (blocks of 16) with its scales and zero points, read by GatherBlockQuantized and MatMulNBits
+        assert sorted(b["keys"][0].rsplit(".", 1)[1] for b in tie) == ["qweight", "scales", "zero_points"], tie
         sizes[name] = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model.onnx"))
         if name == "ls":
             qkv = [b for b in storage["blobs"] if any("q_proj" in s for s in b["serves"])]
@@ -155,8 +156,8 @@ def _matmulnbits_weights(artifact: Path) -> dict[str, np.ndarray]:
     casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
     out = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
+        if node.op_type != "MatMulNBits" or not node.input[1].startswith("layers."):
+            continue  # the blocks' weights (the tie has packed uint4 zero points)
         b, s, *zp = (inits[casts.get(i, i)] for i in node.input[1:])
         n, blocks, _ = b.shape
         u = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
@@ -187,7 +188,8 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     import onnx
 
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
-    assert all(len(n.input) == 3 for n in graph.node if n.op_type == "MatMulNBits")  # the fast symmetric kernel
+    body_nodes = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("layers.")]
+    assert body_nodes and all(len(n.input) == 3 for n in body_nodes)  # the fast kernel, no float zero points
     loaded = load_model(str(tmp_path / "m.gguf"))
     rebuilt = _matmulnbits_weights(artifact)
     for key in body:

@@ -23,6 +23,7 @@ from mlexport.pipeline import (
     compute_quantized,
     mixed_precision,
     stored_bytes,
+    tie_grid,
     weight_only,
 )
 from mlexport.sources import LoadedModel
@@ -75,6 +76,7 @@ def sweep(
             opts.quantizer if opts.quantizer != "auto" else "rtn",
             bool(opts.asymmetric),
         )
+        plan = tie_grid(plan, target, opts.group_size)
         if target == "coreml":
             plan = weight_only(plan)
         say(f"{label}: planning")
