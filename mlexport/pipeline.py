@@ -54,7 +54,7 @@ DEFAULT_MAX_CONTEXT = 2048
 # 90 MB (the sharing issue's bar). ONNX's reaches about the onnxruntime-genai builder's int4 size (fp32 scales),
 # which pays for the demo's whole Q4_1 body exactly (+6.6 MB). Core ML's keeps the demo's weight.bin under the
 # Core ML issue's 80 MB, which buys about half of that body's blocks exactly.
-MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.09, "coreml": 0.04}
+MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.09, "coreml": 0.034}
 # Symmetric by default everywhere. XNNPACK runs symmetric weights only. ONNX stays symmetric to match the
 # onnxruntime-genai builder's int4 size (--asymmetric --size-budget 91.8 lowers its KLD from 0.114 to 0.066 on the
 # demo, and from 0.165 to 0.086 on held-out text). Core ML with zero points scored better on corpus KLD, but it
@@ -63,7 +63,14 @@ ASYMMETRIC_DEFAULT = {"executorch": False, "onnx": False, "coreml": False}
 # Source grids (GGUF types) each target executes exactly: MatMulNBits and Core ML's blockwise shift-scale take float
 # zero points (Q4_1) and the scales at the width the source stores them (fp16). XNNPACK has no zero points and keeps
 # bf16 scales, so nothing is exact there.
+# The tie's block size (with zero points) per target; see tie_grid.
+TIE_GRID = {"coreml": 32}
 EXACT_SOURCE_TYPES = {"executorch": (), "onnx": ("Q4_0", "Q4_1"), "coreml": ("Q4_0", "Q4_1")}
+# Whether a target reuses them by default. ONNX runs a Q4_1 grid as MatMulNBits plus a per-block offset term (float
+# zero points take a generic path 60x slower), and on the demo those extra nodes cost ~35% of decode speed against
+# the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
+# expands its constexpr weights when the model loads.
+REUSE_GRID_DEFAULT = {"executorch": False, "onnx": False, "coreml": True}
 
 Status = Callable[[str], None]
 
@@ -84,6 +91,7 @@ class ExportOptions:
     asymmetric: bool | None = None  # 4-bit zero points; None = the target's default (ASYMMETRIC_DEFAULT)
     calibration: Path | None = None  # GPTQ calibration text; None = the built-in one
     size_budget_mb: float | None = None  # 4-bit mixed precision cap; None = MIXED_SLACK over all-4-bit; 0 = off
+    reuse_source_grid: bool | None = None  # exact GGUF blocks as upgrades; None = the target's REUSE_GRID_DEFAULT
 
 
 def model_label(source: str) -> str:
@@ -116,6 +124,11 @@ def validate_options(opts: ExportOptions) -> list[str]:
         raise MlexportError("--palettize takes 1, 2, 3, 4, 6 or 8 bits and applies to --target coreml only")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
+    if opts.reuse_source_grid and "executorch" in targets:
+        raise MlexportError(
+            "--reuse-source-grid: XNNPACK has no zero points and keeps bf16 scales, so no GGUF grid runs exactly "
+            "there; drop the flag for --target executorch"
+        )
     if opts.asymmetric and "executorch" in targets:
         raise MlexportError(
             "--asymmetric: XNNPACK runs symmetric 4-bit weights only; drop the flag for --target executorch"
@@ -239,16 +252,19 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
 
 
 def tie_grid(plan: Any, target: str, group_size: int) -> Any:
-    """ONNX's 4-bit tie (``shared4``) gets blocks of 16 with zero points: it serves every logit, and on the demo
-    (with its exact Q4_1 body, eager) that lowered KLD from 0.037 to 0.016 on the built-in corpus and from 0.057
-    to 0.024 on held-out text, for +2.7 MB that the default ONNX budget has spare. GatherBlockQuantized and
-    MatMulNBits both take it. Only at the default group size: an explicit ``--group-size`` is taken as asked."""
+    """Core ML's 4-bit tie (``shared4``) gets zero points: it serves every logit, and on the demo within Core ML's
+    80 MB (eager) that gave KLD 0.062 -> 0.054 on the built-in corpus and 0.100 -> 0.079 on held-out text (blocks
+    of 16 cost too many exact body blocks there). ONNX keeps the symmetric tie: blocks of 16 with zero points drift
+    far less there too (0.037 -> 0.016 with an exact body), but MatMulNBits runs that 49152-row head ~17% slower
+    per decoded token, below the onnxruntime-genai builder's speed. Only at the default group size: an explicit
+    ``--group-size`` is taken as asked."""
     head = plan.tensors.get("lm_head.weight")
-    if target != "onnx" or plan.tie_mode != "shared4" or head is None or group_size != DEFAULT_GROUP_SIZE:
+    if target not in TIE_GRID or plan.tie_mode != "shared4" or head is None or group_size != DEFAULT_GROUP_SIZE:
         return plan
-    plan.tensors["lm_head.weight"] = dataclasses.replace(head, group_size=16, asymmetric=True)
+    group = TIE_GRID[target]
+    plan.tensors["lm_head.weight"] = dataclasses.replace(head, group_size=group, asymmetric=True)
     embed = plan.tensors["embed_tokens.weight"]
-    plan.tensors["embed_tokens.weight"] = dataclasses.replace(embed, group_size=16)
+    plan.tensors["embed_tokens.weight"] = dataclasses.replace(embed, group_size=group)
     return plan
 
 
@@ -301,10 +317,12 @@ def mixed_precision(
             model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, progress
         )
     int8_group = opts.group_size if target == "onnx" else None
+    reuse = REUSE_GRID_DEFAULT[target] if opts.reuse_source_grid is None else opts.reuse_source_grid
+    grid_types = EXACT_SOURCE_TYPES[target] if reuse else ()
     exact = {
         name: option
         for name in sensitivity
-        if (option := exact_option(plan.tensors[name], loaded.source_grids.get(name), EXACT_SOURCE_TYPES[target]))
+        if (option := exact_option(plan.tensors[name], loaded.source_grids.get(name), grid_types))
     }
     mixed, upgrades = choose_upgrades(model, plan, sensitivity, budget, SCALE_BYTES[target], int8_group, exact)
     mixed.mixed = {

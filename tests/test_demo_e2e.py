@@ -105,28 +105,8 @@ def demo_onnx_4bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export_demo(tmp_path_factory, "onnx")
 
 
-def test_demo_onnx_4bit_knows_paris_within_peer_size(demo_onnx_4bit: Path) -> None:
-    """The ONNX artifact, through its real runtime, continues the fp32 model's answer to the Paris question with
-    Paris. Its own greedy answer (``mlexport run``) starts in French: the fp32 model itself barely prefers "The"
-    (logit 25.33) over "L" (25.24) and "La" (24.94), and with the demo's exact Q4_1 body five of the six 4-bit
-    tie quantizers measured flip that 0.09 margin, while drifting 3-5x less than the old default overall."""
-    from mlexport.validate.runtimes import open_runtime
-
-    from mlexport.tokenizer import Tokenizer
-
-    runtime, _, manifest = open_runtime(demo_onnx_4bit)
-    tokenizer = Tokenizer(demo_onnx_4bit, chat_template=manifest["model"]["spec"]["chat_template"])
-    prompt = tokenizer.encode(tokenizer.render_chat("What is the capital of France?", None))
-    first = tokenizer.encode("The")[-1:]
-    top3 = np.argsort(-runtime.forward(prompt, 0)[-1])[:3]
-    assert first[0] in top3  # the fp32 answer's first token is still a top candidate
-    ids = prompt + first
-    out: list[int] = []
-    for _ in range(8):
-        out.append(int(runtime.forward(ids + out, 0)[-1].argmax()))
-    assert "Paris" in tokenizer.decode(out), tokenizer.decode(out)
-    result = _cli("run", str(demo_onnx_4bit), "--prompt", "What is the capital of France?", "-n", "8")
-    assert result.returncode == 0 and "tok/s decode" in result.stderr, result.stderr[-2000:]
+def test_demo_onnx_4bit_answers_paris_within_peer_size(demo_onnx_4bit: Path) -> None:
+    _asks_paris(demo_onnx_4bit)
     manifest = json.loads((demo_onnx_4bit / "manifest.json").read_text())
     stored = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model.onnx"))
     assert stored <= 86.5e6, stored  # the onnxruntime-genai builder's int4 model of the same demo (REFERENCE §4)
@@ -136,13 +116,11 @@ def test_demo_onnx_4bit_knows_paris_within_peer_size(demo_onnx_4bit: Path) -> No
     assert {"GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization", "GatherBlockQuantized"} <= ops
 
 
-def test_demo_onnx_4bit_reexports_the_q4_1_body_and_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:
-    """Issue #8 for ONNX (KLD <= 0.10, same top-1 >= 80%, <= 92 MB). The demo ships as GGUF Q4_1, and the default
-    budget re-exports its whole body grid exactly (float zero points); the tie is our GPTQ 4-bit, and the report
-    says which part is which."""
+def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:
+    """Issue #8 for ONNX (KLD <= 0.10, same top-1 >= 80%, <= 92 MB) with our own quantizers: GPTQ plus 8-bit
+    upgrades within the default budget; the GGUF's grid is not reused by default on ONNX (it costs decode speed)."""
     plan = json.loads((demo_onnx_4bit / "manifest.json").read_text())["quant_plan"]
-    reused = [k for k, q in plan["tensors"].items() if q["method"] == "source"]
-    assert len(reused) == 30 * 7 and all(plan["tensors"][k]["source"] == "Q4_1" for k in reused)
+    assert not any(q["method"] == "source" for q in plan["tensors"].values())
     result = _cli(
         "validate",
         str(demo_onnx_4bit),
@@ -154,7 +132,6 @@ def test_demo_onnx_4bit_reexports_the_q4_1_body_and_meets_the_drift_bar(demo_onn
         "kld_mean<=0.10,same_top1>=0.8",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "210 of its 211 quantized tensors re-export" in (tmp_path / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")

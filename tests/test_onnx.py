@@ -178,7 +178,9 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
 
     save_hf_dir(tmp_path / "hf", llama_config())
     write_tiny_gguf(tmp_path / "m.gguf", tmp_path / "hf", blocks="Q4_1")
-    artifact = _export(tmp_path / "m.gguf", tmp_path / "onnx", "4bit", size_budget_mb=50, accuracy_level=0)
+    artifact = _export(
+        tmp_path / "m.gguf", tmp_path / "onnx", "4bit", size_budget_mb=50, accuracy_level=0, reuse_source_grid=True
+    )
     manifest = json.loads((artifact / "manifest.json").read_text())
     plan = manifest["quant_plan"]
     body = [k for k in plan["tensors"] if k.startswith("layers.")]
@@ -210,6 +212,10 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     # the drift report says which part of the artifact is the source's grid, not our quantizer's work
     from mlexport.validate.pipeline import run_validation
 
+    # ONNX reuses grids only when asked: the per-block offsets cost decode speed (pipeline.REUSE_GRID_DEFAULT)
+    plain = _export(tmp_path / "m.gguf", tmp_path / "plain", "4bit", size_budget_mb=50)
+    plain_plan = json.loads((plain / "manifest.json").read_text())["quant_plan"]
+    assert not any(q["method"] == "source" for q in plain_plan["tensors"].values())
     result, _ = run_validation([artifact], str(tmp_path / "m.gguf"), tmp_path / "report", max_tokens=64, window=32)
     assert result["artifacts"][0]["source_grid_reused"] == {"types": ["Q4_1"], "tensors": 14, "of_quantized": 15}
     assert "re-export the source's own Q4_1 grid unchanged" in (tmp_path / "report" / "report.md").read_text()
