@@ -102,7 +102,7 @@ def test_int4_program_state_and_storage(exported: dict, models: dict[str, Path])
     assert {q["scheme"] for n, q in plan["tensors"].items() if n not in upgraded} == {"int4_weight"}
     blobs = manifest["storage"]["blobs"]
     tie = [b for b in blobs if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
-    assert len(tie) == 2  # int4 data + fp16 scales, once, for the gather and the head
+    assert len(tie) == 3  # int4 data + fp16 scales + int4 offsets (zero points), once, for the gather and the head
     block = [b for b in blobs if any(s.startswith("layers.0.self_attn.q_proj") for s in b["serves"])]
     assert block and all(s.endswith("(executed layers 0, 1)") for b in block for s in b["serves"])
     assert manifest["storage"]["duplicated_bytes"] == 0
@@ -160,6 +160,7 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     """Issue #8's lossless re-export on Core ML: each Q4_1 block becomes constexpr_blockwise_shift_scale with the
     GGUF's own 4-bit values, its fp16 scale, and an fp16 offset (the fractional zero point) that expands back to
     the source weights; the interpreter then runs the package like the eager reference."""
+    from coremltools.converters.mil.mil import types
     from mlexport.quantize import QuantPlan
     from mlexport.validate.drift import quantized_reference
     from mlexport.validate.mil_interpreter import MilInterpreter
@@ -184,9 +185,8 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     program = MilInterpreter(artifact / PACKAGE_NAME)
     expanded = {}
     for op in program.function.operations:
-        if op.op_type == "constexpr_blockwise_shift_scale" and op.offset is not None:
-            assert op.offset.val.dtype == np.float16
-            expanded[op.name] = np.asarray(op.materialized_val_inference(), np.float32)
+        if op.op_type == "constexpr_blockwise_shift_scale" and op.offset is not None and op.offset.dtype == types.fp16:
+            expanded[op.name] = np.asarray(op.materialized_val_inference(), np.float32)  # the reused Q4_1 blocks
     assert len(expanded) == len(body)
     for key in body:
         want = loaded.state_dict[key].numpy()
