@@ -57,9 +57,9 @@ class GraphWriter:
         """A float constant stored as fp16 and read as fp32 through a Cast: onnxruntime folds the Cast into an fp32
         initializer when the session loads (so MatMulNBits still prepacks it), while the file keeps half the bytes.
         Used for quantization scales and float zero points, whose fp16 rounding is far below the 4-bit step."""
-        stored = self.const(name, np.asarray(array, np.float32).astype(np.float16), serves)
         cast = f"{name}/fp32"
-        if not any(cast in n.output for n in self.nodes):
+        if name not in self.initializers:  # first use: store it and its one Cast
+            stored = self.const(name, np.asarray(array, np.float32).astype(np.float16), serves)
             self.nodes.append(self.helper.make_node("Cast", [stored], [cast], name=f"/cast_{name}", to=1))
         return cast
 

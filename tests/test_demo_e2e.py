@@ -47,6 +47,14 @@ def _asks_paris(artifact: Path, max_new_tokens: int = 40) -> subprocess.Complete
     return result
 
 
+def _meets_drift_bar(artifact: Path, out: Path) -> None:
+    """Issue #8's bar through `mlexport validate --gate` on the built-in corpus, with the artifact's real runtime."""
+    result = _cli(
+        "validate", str(artifact), "--reference", "demo", "-o", str(out), "--gate", "kld_mean<=0.10,same_top1>=0.8"
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
 def test_demo_4bit_answers_paris(demo_4bit: Path) -> None:
     assert "tok/s decode" in _asks_paris(demo_4bit).stderr
 
@@ -73,17 +81,7 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
 def test_demo_4bit_drifts_less_than_q4_0(demo_4bit: Path, tmp_path: Path) -> None:
     """Issue #8's bar on the built-in corpus, through the real ExecuTorch runtime (llama.cpp Q4_0: KLD 0.269, 68%
     same top-1; Q4_K_M: 0.061, 86% at 105.5 MB)."""
-    result = _cli(
-        "validate",
-        str(demo_4bit),
-        "--reference",
-        "demo",
-        "-o",
-        str(tmp_path),
-        "--gate",
-        "kld_mean<=0.10,same_top1>=0.8",
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _meets_drift_bar(demo_4bit, tmp_path)
 
 
 def test_demo_loads_in_stock_text_llm_runner(demo_4bit: Path) -> None:
@@ -121,17 +119,7 @@ def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path
     upgrades within the default budget; the GGUF's grid is not reused by default on ONNX (it costs decode speed)."""
     plan = json.loads((demo_onnx_4bit / "manifest.json").read_text())["quant_plan"]
     assert not any(q["method"] == "source" for q in plan["tensors"].values())
-    result = _cli(
-        "validate",
-        str(demo_onnx_4bit),
-        "--reference",
-        "demo",
-        "-o",
-        str(tmp_path),
-        "--gate",
-        "kld_mean<=0.10,same_top1>=0.8",
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _meets_drift_bar(demo_onnx_4bit, tmp_path)
 
 
 @pytest.fixture(scope="module")
