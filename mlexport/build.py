@@ -15,13 +15,12 @@ import hashlib
 import json
 import os
 import time
+import tomllib
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from mlexport.artifacts import describe_files, tool_versions, write_bytes_atomic, write_json_atomic
 from mlexport.errors import MlexportError

@@ -140,6 +140,8 @@ def gptq(
     damp: float = 0.1,
     block: int = 128,
     act_order: bool = True,
+    cross: torch.Tensor | None = None,
+    alpha: float = 0.25,
 ) -> QuantizedWeight:
     """GPTQ with static groups: each group's scale comes from the importance-weighted scale search.
 
@@ -150,6 +152,12 @@ def gptq(
     rows of every Linear that reads the same input (q/k/v, gate/up) and run one pass. ``act_order`` quantizes the
     columns with the largest input energy first, so the rest can absorb their error; the groups (and so the
     stored layout) stay contiguous because their scales are fixed before the pass.
+
+    ``cross`` turns it into GPTAQ (Li et al., 2025, "asymmetric calibration"): the sum of (x_fp − x) xᵀ, where x
+    is the input the quantized model gives this layer and x_fp the full-precision model's. Each step then also
+    moves the remaining columns so that the layer's output approaches the *full-precision* model's output, not
+    only its own unquantized output on already-drifted inputs: it corrects the error the earlier layers left,
+    which compounds over a deep-thin model's 30 layers. ``alpha`` is the paper's weight on that term.
     """
     n, k = w.shape
     if k % group:
@@ -167,13 +175,18 @@ def gptq(
     weights, h = weights[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    p = torch.zeros(k, k)
+    if cross is not None:  # GPTAQ's correction, strictly upper-triangular in the quantization order
+        c = cross.float().clone()
+        c[:, dead] = 0.0
+        p = alpha * ((c[perm][:, perm] @ hinv.T).triu_(diagonal=1)) @ hinv
     col_group = perm // group
     q_all = torch.zeros(n, k)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = weights[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        hinv1, p1 = hinv[i1:i2, i1:i2], p[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = int(col_group[i1 + i])
             scale, zero = scales[:, g], zeros[:, g]
@@ -181,9 +194,14 @@ def gptq(
             q = _round(column[:, None], scale, zero, bits)[:, 0]
             q_all[:, i1 + i] = q
             err = (column - (q - zero) * scale) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            step = err[:, None] * hinv1[i, i:][None, :]
+            if cross is not None:
+                step -= column[:, None] * p1[i, i:][None, :]
+            w1[:, i:] -= step
             err1[:, i] = err
         weights[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if cross is not None:
+            weights[:, i2:] += w1 @ p[i1:i2, i2:]
     q_out = torch.empty_like(q_all)
     q_out[:, perm] = q_all
     return _pack(q_out, scales, zeros, bits, group, symmetric)
