@@ -175,8 +175,8 @@ def gptq(
     weights, h = weights[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    p = torch.zeros(k, k)
-    if cross is not None:  # GPTAQ's correction, strictly upper-triangular in the quantization order
+    p = None  # GPTAQ's correction, strictly upper-triangular in the quantization order
+    if cross is not None:
         c = cross.float().clone()
         c[:, dead] = 0.0
         p = alpha * ((c[perm][:, perm] @ hinv.T).triu_(diagonal=1)) @ hinv
@@ -186,7 +186,7 @@ def gptq(
         i2 = min(i1 + block, k)
         w1 = weights[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1, p1 = hinv[i1:i2, i1:i2], p[i1:i2, i1:i2]
+        hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = int(col_group[i1 + i])
             scale, zero = scales[:, g], zeros[:, g]
@@ -195,12 +195,12 @@ def gptq(
             q_all[:, i1 + i] = q
             err = (column - (q - zero) * scale) / hinv1[i, i]
             step = err[:, None] * hinv1[i, i:][None, :]
-            if cross is not None:
-                step -= column[:, None] * p1[i, i:][None, :]
+            if p is not None:
+                step -= column[:, None] * p[i1 + i, i1 + i : i2][None, :]
             w1[:, i:] -= step
             err1[:, i] = err
         weights[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        if cross is not None:
+        if p is not None:
             weights[:, i2:] += w1 @ p[i1:i2, i2:]
     q_out = torch.empty_like(q_all)
     q_out[:, perm] = q_all

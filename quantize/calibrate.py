@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -252,10 +252,14 @@ def _sequential(
         while i + runs < len(layer_map) and layer_map[i + runs] == b:
             runs += 1
         block, fp_block = work.layers[b], reference.layers[b]
+        next_fp = None  # the full-precision stream after this block, when the capture pass already ran it
         if b not in done:
             prefix = f"layers.{b}."
             if any(name.startswith(prefix) for name in wanted):  # a block kept exact needs no Hessian
-                fp_inputs = _step_inputs(work, fp_block, hidden_fp, runs)
+                fp_inputs = {step[0]: [] for step in _STEPS}
+                next_fp = _run_with_hooks(
+                    work, fp_block, hidden_fp, runs, fp_inputs, lambda n, x, store=fp_inputs: store[n].append(x)
+                )
                 stats = _step_statistics(work, block, hidden, runs, fp_inputs)
                 for step in _STEPS:
                     names = [n for n in step if f"{prefix}{n}.weight" in wanted]
@@ -264,9 +268,8 @@ def _sequential(
             done.add(b)
             if progress:
                 progress(len(done), n_blocks)
-        for _ in range(runs):
-            hidden = [_run_block(work, block, h) for h in hidden]
-            hidden_fp = [_run_block(work, fp_block, h) for h in hidden_fp]
+        hidden = _run_with_hooks(work, block, hidden, runs, {}, None)
+        hidden_fp = next_fp if next_fp is not None else _run_with_hooks(work, fp_block, hidden_fp, runs, {}, None)
         i += runs
     # The head reads the final norm's output. For a tied model its 4-bit values are also the embedding table
     # (shared4), so GPTQ on the head helps the logits most, which is where a 4-bit tie costs the most drift.
@@ -277,51 +280,50 @@ def _sequential(
         results["lm_head.weight"] = quantize_one(work.lm_head.weight.detach(), head, x.T @ x, (x_fp - x).T @ x)
 
 
-def _step_inputs(
-    work: nn.Module, block: nn.Module, hidden: list[torch.Tensor], runs: int
-) -> dict[str, list[torch.Tensor]]:
-    """Each step's input, [tokens, K] per piece and run, as the full-precision block sees it."""
-    inputs: dict[str, list[torch.Tensor]] = {step[0]: [] for step in _STEPS}
+def _run_with_hooks(
+    work: nn.Module,
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    runs: int,
+    names: Collection[str],
+    seen: Callable[[str, torch.Tensor], None] | None,
+) -> list[torch.Tensor]:
+    """Run ``block`` ``runs`` times over every piece, handing each named Linear's input ([tokens, K], fp32) to
+    ``seen`` in call order; returns the block's outputs."""
     modules = dict(block.named_modules())
     hooks = [
-        modules[name].register_forward_pre_hook(
-            lambda _m, args, name=name: inputs[name].append(args[0].reshape(-1, args[0].shape[-1]).float())
+        modules[n].register_forward_pre_hook(
+            lambda _m, args, n=n: seen(n, args[0].reshape(-1, args[0].shape[-1]).float())
         )
-        for name in inputs
+        for n in names
     ]
+    out = []
     try:
         for h in hidden:
             for _ in range(runs):
                 h = _run_block(work, block, h)
+            out.append(h)
     finally:
         for handle in hooks:
             handle.remove()
-    return inputs
+    return out
 
 
 def _step_statistics(
     work: nn.Module, block: nn.Module, hidden: list[torch.Tensor], runs: int, fp_inputs: dict[str, list[torch.Tensor]]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per step: (Σ x xᵀ, Σ (x_fp − x) xᵀ) of its input over all calibration tokens and all ``runs`` consecutive
-    executions of the block."""
+    executions of the block, pairing each input with the full-precision one of the same call."""
     stats: dict[str, list[Any]] = {name: [0, 0, 0] for name in fp_inputs}  # hessian, cross, calls seen
-    modules = dict(block.named_modules())
 
-    def hook(_m: nn.Module, args: tuple, name: str) -> None:
-        x, seen = args[0].reshape(-1, args[0].shape[-1]).float(), stats[name]
-        seen[0] = seen[0] + x.T @ x
-        seen[1] = seen[1] + (fp_inputs[name][seen[2]] - x).T @ x
-        seen[2] += 1
+    def seen(name: str, x: torch.Tensor) -> None:
+        acc = stats[name]
+        acc[0] = acc[0] + x.T @ x
+        acc[1] = acc[1] + (fp_inputs[name][acc[2]] - x).T @ x
+        acc[2] += 1
 
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in fp_inputs]
-    try:
-        for h in hidden:
-            for _ in range(runs):
-                h = _run_block(work, block, h)
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return {name: (seen[0], seen[1]) for name, seen in stats.items()}
+    _run_with_hooks(work, block, hidden, runs, fp_inputs, seen)
+    return {name: (acc[0], acc[1]) for name, acc in stats.items()}
 
 
 def _quantize_step(
