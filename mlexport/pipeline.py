@@ -64,14 +64,14 @@ ASYMMETRIC_DEFAULT = {"executorch": False, "onnx": False, "coreml": False}
 # Source grids (GGUF types) each target executes exactly: MatMulNBits and Core ML's blockwise shift-scale take float
 # zero points (Q4_1) and the scales at the width the source stores them (fp16). XNNPACK has no zero points and keeps
 # bf16 scales, so nothing is exact there.
-# The tie's block size (with zero points) per target; see tie_grid.
-TIE_GRID = {"coreml": 32}
 EXACT_SOURCE_TYPES = {"executorch": (), "onnx": ("Q4_0", "Q4_1"), "coreml": ("Q4_0", "Q4_1")}
 # Whether a target reuses them by default. ONNX runs a Q4_1 grid as MatMulNBits plus a per-block offset term (float
 # zero points take a generic path 60x slower), and on the demo those extra nodes cost ~35% of decode speed against
 # the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
 # expands its constexpr weights when the model loads.
 REUSE_GRID_DEFAULT = {"executorch": False, "onnx": False, "coreml": True}
+# The tie's block size (with zero points) per target; see tie_grid.
+TIE_GRID = {"coreml": 32}
 
 Status = Callable[[str], None]
 
