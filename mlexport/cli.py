@@ -82,7 +82,8 @@ def export(
     asymmetric: bool | None = typer.Option(
         None,
         "--asymmetric/--symmetric",
-        help="4-bit zero point per group: onnx, coreml [default: symmetric; executorch is symmetric only]",
+        help="4-bit zero point per group [default: asymmetric for onnx, symmetric for coreml; executorch is "
+        "symmetric only]",
     ),
     calibration: Path | None = typer.Option(
         None,

@@ -19,6 +19,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
+HELD_OUT = Path("/usr/share/common-licenses/GPL-3")
+LLAMA_CPP_PROTOCOL = ("--window", "512", "--score-from", "255", "--max-tokens", "2048")
+
+
 def _cli(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mlexport.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
@@ -47,11 +51,11 @@ def _asks_paris(artifact: Path, max_new_tokens: int = 40) -> subprocess.Complete
     return result
 
 
-def _meets_drift_bar(artifact: Path, out: Path) -> None:
-    """Issue #8's bar through `mlexport validate --gate` on the built-in corpus, with the artifact's real runtime."""
-    result = _cli(
-        "validate", str(artifact), "--reference", "demo", "-o", str(out), "--gate", "kld_mean<=0.10,same_top1>=0.8"
-    )
+def _meets_drift_bar(artifact: Path, out: Path, *corpus: str) -> None:
+    """Issue #8's bar through `mlexport validate --gate` (by default on the built-in corpus), with the artifact's
+    real runtime."""
+    gate = ("--gate", "kld_mean<=0.10,same_top1>=0.8")
+    result = _cli("validate", str(artifact), "--reference", "demo", "-o", str(out), *gate, *corpus)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
@@ -115,11 +119,22 @@ def test_demo_onnx_4bit_answers_paris_within_peer_size(demo_onnx_4bit: Path) -> 
 
 
 def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:
-    """Issue #8 for ONNX (KLD <= 0.10, same top-1 >= 80%, <= 92 MB) with our own quantizers: GPTQ plus 8-bit
-    upgrades within the default budget; the GGUF's grid is not reused by default on ONNX (it costs decode speed)."""
+    """Issue #8 for ONNX (KLD <= 0.10, same top-1 >= 80%, <= 92 MB) with our own quantizers: GPTQ with uint4 zero
+    points plus 8-bit upgrades within the default budget; the GGUF's grid is not reused by default on ONNX (it
+    costs decode speed)."""
     plan = json.loads((demo_onnx_4bit / "manifest.json").read_text())["quant_plan"]
     assert not any(q["method"] == "source" for q in plan["tensors"].values())
+    body4 = [q for k, q in plan["tensors"].items() if k.startswith("layers.") and q["bits"] == 4]
+    assert body4 and all(q["asymmetric"] and q["method"] == "gptq" for q in body4)
     _meets_drift_bar(demo_onnx_4bit, tmp_path)
+
+
+def test_demo_onnx_4bit_meets_the_drift_bar_on_held_out_text(demo_onnx_4bit: Path, tmp_path: Path) -> None:
+    """The same bar on the issue's held-out text (GPL-3, whose llama.cpp rows reproduce the issue's table) under
+    llama.cpp's protocol. mlexport never calibrates on it. Measured: KLD 0.083, same top-1 84.7%."""
+    if not HELD_OUT.is_file():
+        pytest.skip(f"{HELD_OUT} is not on this machine (Debian's base-files ships it)")
+    _meets_drift_bar(demo_onnx_4bit, tmp_path, "--corpus", str(HELD_OUT), *LLAMA_CPP_PROTOCOL)
 
 
 @pytest.fixture(scope="module")

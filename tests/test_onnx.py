@@ -105,8 +105,9 @@ def test_ls_and_tie_store_each_weight_once(models: dict[str, Path], tmp_path: Pa
         assert storage["duplicated_bytes"] == 0 and manifest["accounting"]["within_slack"], manifest["accounting"]
         assert storage["stored_bytes"] <= 1.03 * manifest["accounting"]["predicted_unique_bytes"]
         tie = [b for b in storage["blobs"] if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
-        # one int4 table with its scales, read by GatherBlockQuantized and MatMulNBits
-        assert sorted(b["keys"][0].rsplit(".", 1)[1] for b in tie) == ["qweight", "scales"], tie
+        # one int4 table with its scales and zero points (ONNX's default), read by GatherBlockQuantized and
+        # MatMulNBits
+        assert sorted(b["keys"][0].rsplit(".", 1)[1] for b in tie) == ["qweight", "scales", "zero_points"], tie
         sizes[name] = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model.onnx"))
         if name == "ls":
             qkv = [b for b in storage["blobs"] if any("q_proj" in s for s in b["serves"])]
