@@ -18,7 +18,7 @@ from mlexport.errors import MlexportError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # help texts show literal [defaults]; "rich" would parse them as markup tags
     help="Export small language models (Llama-style, MobileLLM family) to ExecuTorch, Core ML and ONNX.",
 )
 console = Console(stderr=True)
@@ -386,7 +386,7 @@ def bench(
 
 
 build_app = typer.Typer(
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # help texts show literal [defaults]; "rich" would parse them as markup tags
     help="Build a matrix of artifacts (models × targets × quants) incrementally, for CI; or merge shard manifests.",
 )
 app.add_typer(build_app, name="build")
@@ -647,13 +647,11 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[red]aborted[/]")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors and exits: click's, or the copy of click that newer typers vendor
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
+        if type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
             sys.exit(exc.exit_code)
         raise
 
