@@ -15,10 +15,12 @@ from rich.table import Table
 
 from mlexport.errors import MlexportError
 
+# Help texts are plain: they carry literal "[default: ...]" and "[gates]", which rich markup would eat as tags.
+HELP_MARKUP = None
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    rich_markup_mode=None,  # help texts show literal [defaults]; "rich" would parse them as markup tags
+    rich_markup_mode=HELP_MARKUP,
     help="Export small language models (Llama-style, MobileLLM family) to ExecuTorch, Core ML and ONNX.",
 )
 console = Console(stderr=True)
@@ -386,7 +388,7 @@ def bench(
 
 
 build_app = typer.Typer(
-    rich_markup_mode=None,  # help texts show literal [defaults]; "rich" would parse them as markup tags
+    rich_markup_mode=HELP_MARKUP,
     help="Build a matrix of artifacts (models × targets × quants) incrementally, for CI; or merge shard manifests.",
 )
 app.add_typer(build_app, name="build")
@@ -647,13 +649,15 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[red]aborted[/]")
         sys.exit(130)
-    except Exception as exc:  # usage errors and exits: click's, or the copy of click that newer typers vendor
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
-            sys.exit(exc.exit_code)
-        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors (typer >= 0.29 carries its own copy of click's)
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

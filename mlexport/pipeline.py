@@ -56,10 +56,10 @@ DEFAULT_MAX_CONTEXT = 2048
 # under the Core ML issue's 80 MB, which buys about half of that body's blocks exactly.
 MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.095, "coreml": 0.034}
 # Zero points by default where the runtime executes them at full speed. XNNPACK runs symmetric weights only.
-# MatMulNBits takes packed uint4 zero points at no measurable cost per token, and on the demo (within the same
-# 86.5 MB, eager) they lowered KLD from 0.112 to 0.077 on the built-in corpus and from 0.168 to 0.121 on held-out
-# text (GPL-3). Core ML with zero points scored better on corpus KLD, but it answered the demo's Paris prompt
-# wrongly where symmetric answers right, so it stays opt-in there.
+# MatMulNBits takes packed uint4 zero points at no measurable cost per token, and on the demo's exported model
+# (within the same 86.5 MB) they lowered KLD from 0.091 to 0.060 on the built-in corpus and from 0.122 to 0.083 on
+# held-out text (GPL-3, llama.cpp protocol). Core ML with zero points scored better on corpus KLD, but it answered
+# the demo's Paris prompt wrongly where symmetric answers right, so it stays opt-in there.
 ASYMMETRIC_DEFAULT = {"executorch": False, "onnx": True, "coreml": False}
 # Source grids (GGUF types) each target executes exactly: MatMulNBits and Core ML's blockwise shift-scale take float
 # zero points (Q4_1) and the scales at the width the source stores them (fp16). XNNPACK has no zero points and keeps
