@@ -52,9 +52,16 @@ class StatefulDecoder(nn.Module):
     [1, kv_heads, max_context, head_dim] that Core ML turns into model state.
     """
 
-    def __init__(self, model: Decoder) -> None:
+    def __init__(self, model: Decoder, int8_rows: int = 0) -> None:
         super().__init__()
         self.model = model
+        # A tie whose first rows are int8 (TensorQuant.int8_rows) is stored as two tables, each one const that
+        # both the lookup and the head read: still stored once, in two compressions.
+        self.int8_rows = int8_rows
+        if int8_rows:
+            table = model.lm_head.weight.detach()
+            self.tie_int8 = nn.Parameter(table[:int8_rows].clone(), requires_grad=False)
+            self.tie_int4 = nn.Parameter(table[int8_rows:].clone(), requires_grad=False)
         spec = model.spec
         ctx = model.max_context
         for i, block in enumerate(model.layer_map):
@@ -71,7 +78,7 @@ class StatefulDecoder(nn.Module):
         end = causal_mask.shape[-1]
         start = end - t
         cos, sin = self.cos[start:end], self.sin[start:end]
-        h = m.embed_tokens(input_ids)
+        h = self._embed(input_ids)
         for i, block_idx in enumerate(m.layer_map):
             block = m.layers[block_idx]
             attn = block.self_attn
@@ -97,7 +104,21 @@ class StatefulDecoder(nn.Module):
             h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, attn.n_heads * attn.head_dim))
             x = _norm(block.post_attention_layernorm, h)
             h = h + block.mlp(x)
-        return m.lm_head(_norm(m.norm, h))
+        return self._head(_norm(m.norm, h))
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.int8_rows:
+            return self.model.embed_tokens(input_ids)
+        n = self.int8_rows
+        low = input_ids < n
+        head = F.embedding(torch.where(low, input_ids, 0), self.tie_int8)
+        tail = F.embedding(torch.where(low, 0, input_ids - n), self.tie_int4)
+        return torch.where(low.unsqueeze(-1), head, tail)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.int8_rows:
+            return self.model.lm_head(x)
+        return torch.cat((F.linear(x, self.tie_int8), F.linear(x, self.tie_int4)), dim=-1)
 
 
 def causal_mask(past: int, t: int) -> np.ndarray:
@@ -120,7 +141,11 @@ def convert(
 
     spec: ModelSpec = model.spec
     ctx = model.max_context
-    wrapper = StatefulDecoder(model).eval()
+    head = plan.tensors.get("lm_head.weight")
+    int8_rows = head.int8_rows if head is not None and head.bits == 4 else 0
+    if int8_rows and (palettize or not quantized):
+        raise MlexportError("the tie's int8 rows need mlexport's own quantized values; drop --palettize")
+    wrapper = StatefulDecoder(model, int8_rows).eval()
     example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(0, 2).astype(np.float32)))
     if status:
         status("tracing the stateful decoder (torch.jit.trace)")
@@ -218,12 +243,17 @@ def set_quantized_weights(
                         if op.op_type != "const" or op.outputs[0].val is None or np.ndim(op.outputs[0].val) != 2:
                             continue
                         base = _SUFFIXES.sub("", op.name)
-                        name = by_flat.get(base) or by_flat.get(base + "_weight")
+                        name = by_flat.get(base) or by_flat.get(base + "_weight") or _SPLIT_TIE.get(base)
                         q = plan.tensors.get(name) if name else None
                         if q is None or q.bits not in (4, 8):
                             continue
                         owner = q.shares or name
                         qw = quantized[owner]
+                        if base in _SPLIT_TIE:  # the tie's int8 head rows, or the 4-bit rest
+                            if qw.int8_rows is None:
+                                raise MlexportError(f"{name}: split into int8 rows, but no int8 values were computed")
+                            qw = qw.int8_rows if base == "tie_int8" else qw.tail()
+                            done.add("embed_tokens.weight")
                         if tuple(qw.qdata.shape) != tuple(op.outputs[0].shape):
                             raise MlexportError(
                                 f"{name}: const {op.name} has shape {op.outputs[0].shape}, "
@@ -319,6 +349,10 @@ def export_mlpackage(
     }
 
 
+# The consts of a tie split by StatefulDecoder (TensorQuant.int8_rows): both belong to the tied head.
+_SPLIT_TIE = {"tie_int8": "lm_head.weight", "tie_int4": "lm_head.weight"}
+_SPLIT_PART = {"tie_int8": " (int8 head rows)", "tie_int4": " (4-bit rows)"}
+
 _SUFFIXES = re.compile(
     r"(_to_fp16|_to_fp32|_quantized|_palettized|_cast_fp16|_fp16|_data|_scale|_offset|_lut|_indices)+$"
 )
@@ -334,8 +368,9 @@ def blob_sources(package: Path, logical_names: dict[str, list[str]]) -> dict[str
     sources: dict[str, list[str]] = {}
     for key, op_name in _blob_ops(package):
         base = _SUFFIXES.sub("", op_name)
-        name = by_flat.get(base) or by_flat.get(base + "_weight")
+        name = by_flat.get(base) or by_flat.get(base + "_weight") or _SPLIT_TIE.get(base)
         part = "scale" if op_name.endswith("_scale") else "offset" if op_name.endswith("_offset") else "data"
+        part += _SPLIT_PART.get(base, "")
         if name:
             uses = logical_names[name]
         elif re.fullmatch(r"linear_\d+_bias_0", base):  # coremltools gives every bias-free linear a zero bias

@@ -105,6 +105,12 @@ def export(
         help="a GGUF's Q4_0/Q4_1 blocks as upgrades, re-exported exactly: onnx, coreml [default: on for coreml; "
         "off for onnx, where the exact Q4_1 offsets cost ~35% of decode speed]",
     ),
+    tie_int8_rows: int | None = typer.Option(
+        None,
+        "--tie-int8-rows",
+        help="coreml, 4-bit tie: keep its first N rows (the most frequent tokens) at int8, paid from the size "
+        "budget [default: 1000, at most 1/8 of the vocabulary; 0 = off]",
+    ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -127,6 +133,7 @@ def export(
         calibration,
         size_budget,
         reuse_source_grid,
+        tie_int8_rows,
     )
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()

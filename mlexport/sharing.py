@@ -109,10 +109,14 @@ def tensor_bytes(
 def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[int, int] | None = None) -> int:
     """Bytes of one planned tensor (a ``TensorQuant``) with its zero points: integer ones are 4-bit, two to a
     byte (MatMulNBits, Core ML uint4 offsets); a reused Q4_1 grid's are floats as wide as its scales."""
-    numel, rows = int(torch.Size(shape).numel()), int(shape[0])
-    total = tensor_bytes(numel, rows, q.scheme, q.group_size, scale_bytes)
+    rows, cols = int(shape[0]), int(torch.Size(shape).numel()) // int(shape[0])
+    head = min(getattr(q, "int8_rows", 0), rows)  # stored at int8 per row instead (TensorQuant.int8_rows)
+    numel = (rows - head) * cols
+    total = tensor_bytes(numel, rows - head, q.scheme, q.group_size, scale_bytes)
+    if head:
+        total += tensor_bytes(head * cols, head, "int8_weight", None, scale_bytes)
     if q.asymmetric:
-        groups = numel // (q.group_size or int(shape[1]))
+        groups = numel // (q.group_size or cols)
         total += groups * (scale_bytes or {4: 2, 8: 4})[q.bits] if q.float_zero else (groups + 1) // 2
     return total
 

@@ -37,6 +37,10 @@ class TensorQuant:
     method: str = "rtn"  # "rtn" | "search" | "gptq" (mlexport.quantize.algorithms) | "source" (the source's grid)
     asymmetric: bool = False  # a zero point per group
     source: str | None = None  # "source" method: the GGUF type whose grid is reused exactly (Q4_0 | Q4_1)
+    # A tied table's first rows at int8 per row, the rest as planned. Token ids follow the tokenizer's merge or
+    # score order, so low ids are the frequent tokens: on the demo the first 1,000 of 49,152 cover 55% of the
+    # tokens of English text (4,000 cover 73%), and their logits decide most next-token choices.
+    int8_rows: int = 0
 
     @property
     def float_zero(self) -> bool:
@@ -84,6 +88,8 @@ class QuantPlan:
             key = q.scheme if q.group_size is None else f"{q.scheme}/g{q.group_size}"
             if q.bits < 16 and not q.shares:
                 key += f" {q.method}{' ' + q.source if q.source else ' asym' if q.asymmetric else ''}"
+            if q.int8_rows:
+                key += f" (rows < {q.int8_rows} int8)"
             counts[key] = counts.get(key, 0) + 1
         return counts
 

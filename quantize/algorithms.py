@@ -13,6 +13,7 @@ inputs' second moments (Frantar et al., 2022).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,31 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None  # int8 [N, K // group] (asymmetric) or None (symmetric)
     bits: int
     group_size: int
+    # The first rows stored at 8 bits per row instead (a tied table's most frequent tokens; see TensorQuant's
+    # ``int8_rows``). This tensor's own values for those rows are then unused and not stored.
+    int8_rows: QuantizedWeight | None = None
 
     def dequantize(self) -> torch.Tensor:
         zero = 0 if self.zero_point is None else _expand(self.zero_point.float(), self.group_size)
-        return (self.qdata.float() - zero) * _expand(self.scale, self.group_size)
+        full = (self.qdata.float() - zero) * _expand(self.scale, self.group_size)
+        if self.int8_rows is not None:
+            full[: self.int8_rows.qdata.shape[0]] = self.int8_rows.dequantize()
+        return full
+
+    def tail(self) -> QuantizedWeight:
+        """The rows this tensor stores at its own width: all of them, or those after ``int8_rows``."""
+        n = 0 if self.int8_rows is None else self.int8_rows.qdata.shape[0]
+        zero = None if self.zero_point is None else self.zero_point[n:]
+        return QuantizedWeight(self.qdata[n:], self.scale[n:], zero, self.bits, self.group_size)
+
+
+def with_int8_rows(quantized: QuantizedWeight, weight: torch.Tensor, rows: int) -> QuantizedWeight:
+    """``quantized`` with its first ``rows`` rows re-quantized from ``weight`` to symmetric int8 per row (RTN:
+    at 8 bits rounding error is ~1/16 of 4-bit's and needs no data)."""
+    if rows <= 0:
+        return quantized
+    head = rtn(weight[:rows].float(), 8, weight.shape[1], symmetric=True)
+    return dataclasses.replace(quantized, int8_rows=head)
 
 
 def qrange(bits: int) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from mlexport.quantize import QuantPlan, TensorQuant
-from mlexport.quantize.algorithms import QuantizedWeight, gptq, rtn, search
+from mlexport.quantize.algorithms import QuantizedWeight, gptq, rtn, search, with_int8_rows
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -201,7 +201,7 @@ def quantize_weights(
 
 def _ours(q: TensorQuant) -> bool:
     """torchao's own quantizer covers symmetric RTN; everything else needs our values."""
-    return q.method != "rtn" or q.asymmetric
+    return q.method != "rtn" or q.asymmetric or bool(q.int8_rows)
 
 
 def quantize_one(
@@ -458,12 +458,23 @@ def prepare(
     from mlexport.sources import cache_dir
 
     path = cache_dir() / "quantized" / f"{key}.pt" if key else None
-    cached = load_cached(path) if path else None
-    if cached is not None:
-        return cached
-    results = quantize_weights(model, plan, windows, progress, source_grids)
-    if path:
-        save_cached(path, results)
+    results = load_cached(path) if path else None
+    if results is None:
+        results = quantize_weights(model, plan, windows, progress, source_grids)
+        if path:
+            save_cached(path, results)
+    return _attach_int8_rows(model, plan, results)
+
+
+def _attach_int8_rows(
+    model: nn.Module, plan: QuantPlan, results: dict[str, QuantizedWeight]
+) -> dict[str, QuantizedWeight]:
+    """Give each tensor planned with ``int8_rows`` its int8 head rows (RTN from the float weights: cheap, so
+    computed here rather than cached)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, q in plan.tensors.items():
+        if q.int8_rows and name in results:
+            results[name] = with_int8_rows(results[name], params[name].detach(), q.int8_rows)
     return results
 
 

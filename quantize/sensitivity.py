@@ -123,7 +123,13 @@ def choose_upgrades(
     for name, kld in sensitivity.items():
         q = plan.tensors[name]
         upgraded = (exact or {}).get(name) or dataclasses.replace(
-            q, scheme=q.scheme.replace("int4", "int8"), bits=8, group_size=int8_group, asymmetric=False, note=None
+            q,
+            scheme=q.scheme.replace("int4", "int8"),
+            bits=8,
+            group_size=int8_group,
+            asymmetric=False,
+            note=None,
+            int8_rows=0,
         )
         cost = upgrade_cost(shapes[name], q, upgraded, scale_bytes)
         ranked.append((kld / max(cost, 1), name, upgraded, cost, kld))

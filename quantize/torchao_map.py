@@ -87,11 +87,22 @@ def to_torchao(qw: QuantizedWeight, q: TensorQuant, dtype: torch.dtype) -> torch
         IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if q.scheme.endswith("dynact") else None
     )
     zero = qw.zero_point if qw.zero_point is not None else torch.zeros_like(qw.scale, dtype=torch.int8)
+    qdata, scale, bits = qw.qdata, qw.scale, qw.bits
+    if qw.int8_rows is not None:  # one int8-range table: the head rows' row scale repeated over their groups
+        if dynamic is not None:
+            raise MlexportError("int8 head rows are for weight-only runtimes (Core ML); XNNPACK cannot run them")
+        head = qw.int8_rows
+        n, groups = head.qdata.shape[0], qw.scale.shape[1]
+        qdata, scale, zero = qdata.clone(), scale.clone(), zero.clone()
+        qdata[:n] = head.qdata
+        scale[:n] = head.scale.expand(n, groups)
+        zero[:n] = 0
+        bits = 8
     return IntxUnpackedToInt8Tensor(
-        qw.qdata,
-        qw.scale.to(dtype),
+        qdata,
+        scale.to(dtype),
         zero,
-        torch.int4 if qw.bits == 4 else torch.int8,
+        torch.int4 if bits == 4 else torch.int8,
         (1, qw.group_size),
         dtype,
         dynamic,

@@ -100,15 +100,38 @@ def test_int4_program_state_and_storage(exported: dict, models: dict[str, Path])
     upgraded = {u["tensor"] for u in plan["mixed"]["upgrades"]}  # mixed precision: the most sensitive at 8 bits
     assert {n for n, q in plan["tensors"].items() if q["scheme"] == "int8_weight"} == upgraded
     assert {q["scheme"] for n, q in plan["tensors"].items() if n not in upgraded} == {"int4_weight"}
+    assert plan["tensors"]["lm_head.weight"]["int8_rows"] == VOCAB // 8  # the default, capped for a tiny vocab
     blobs = manifest["storage"]["blobs"]
     tie = [b for b in blobs if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
-    assert len(tie) == 3  # int4 data + fp16 scales + int4 offsets (zero points), once, for the gather and the head
+    # the int8 head rows (data + scales) and the 4-bit rest (data + fp16 scales + int4 offsets), each stored once
+    # for both the gather and the head
+    assert len(tie) == 5
+    dim = 128  # the "ls" model's hidden size
+    assert sum(b["bytes"] for b in tie) < 1.05 * (VOCAB // 8 * (dim + 2) + VOCAB * 7 // 8 * dim * 4.625 / 8)
     block = [b for b in blobs if any(s.startswith("layers.0.self_attn.q_proj") for s in b["serves"])]
     assert block and all(s.endswith("(executed layers 0, 1)") for b in block for s in b["serves"])
     assert manifest["storage"]["duplicated_bytes"] == 0
     got, ref = _interpreted(artifact), _eager(models["ls"])
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() > 0.9, cos
+
+
+def test_int8_tie_rows_match_the_eager_reference(exported: dict, models: dict[str, Path]) -> None:
+    """The tie split into int8 head rows and 4-bit rest (two tables, a select in the lookup, a concat after the
+    head) computes what the eager reference computes, for token ids on both sides of the split."""
+    from mlexport.validate.drift import quantized_reference
+
+    artifact = exported[("llama", "4bit")]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    rows = manifest["quant_plan"]["tensors"]["lm_head.weight"]["int8_rows"]
+    assert rows > 0 and {"select", "concat"} <= set(manifest["delegation"]["ops"])
+    assert any(t < rows for t in TOKENS) and any(t >= rows for t in TOKENS)
+    got = _interpreted(artifact)
+    with torch.no_grad():
+        model = quantized_reference(load_model(str(models["llama"])), manifest, max_context=64)
+        ref = model(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(got - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())  # fp16 compute against fp32
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_state_persists_and_resets(exported: dict) -> None:

@@ -178,10 +178,11 @@ def _coreml_agreement(artifact: Path) -> float:
 
 def test_demo_coreml_4bit_tracks_fp32_over_a_64_token_continuation(demo_coreml_4bit: Path) -> None:
     """Issue #5 asks for >= 90%. Measured: the fp16 package agrees 100% (the graph, state and interpreter are
-    right); 4-bit round-to-nearest of this 135M model gives 64-69% on every target (ONNX shared4 64%, Core ML 67%,
-    eager torch 66%), so the 90% bar waits on calibrated quantization (issue #8). Until then this guards against
-    regressions well above what a broken graph or state would give (< 20%)."""
+    right); the 4-bit default within weight.bin <= 80 MB agrees 84% (session 9: GPTQ, exact Q4_1 body blocks where
+    the budget allows, the tie's first 1,000 rows at int8). In eager PyTorch the bar needs ~85 MB of weights (an
+    exact body plus a better tie; README, "Core ML agreement"). Until then this guards against regressions well
+    above what a broken graph or state would give (< 20%)."""
     agreement = _coreml_agreement(demo_coreml_4bit)
     assert agreement >= 0.6, agreement
     if agreement < 0.9:
-        pytest.xfail(f"4-bit top-1 agreement {agreement:.0%} < 90%: needs calibrated quantization (issue #8)")
+        pytest.xfail(f"4-bit top-1 agreement {agreement:.0%} < 90%: needs ~85 MB of weights, not 80 (issue #5)")

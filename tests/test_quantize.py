@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlexport.quantize import plan_quantization
+from mlexport.quantize import TensorQuant, plan_quantization
 from mlexport.quantize.algorithms import gptq, output_error, rtn, search
 from mlexport.quantize.calibrate import (
     DEFAULT_CALIBRATION,
@@ -217,3 +217,42 @@ def test_quantize_sweep_scores_every_preset(tiny: Path) -> None:
     mixed = rows["4bit gptq + mixed"]
     assert mixed["upgrades"] > 0 and mixed["size_mb"] >= rows["4bit gptq"]["size_mb"]
     assert len({r["tokens"] for r in rows.values()}) == 1 and rows["fp16"]["tokens"] >= 90
+
+
+def test_int8_tie_rows_are_stored_and_run_as_planned(tiny: Path) -> None:
+    """A tie's first rows at int8 per row: the values, the eager reference's torchao tensor and the predicted
+    bytes all agree, and the bytes come out of the mixed-precision budget rather than raising its cap."""
+    from mlexport.quantize.algorithms import with_int8_rows
+    from mlexport.quantize.torchao_map import to_torchao
+
+    from mlexport.pipeline import StageLog, plan_for_target, stored_bytes
+    from mlexport.sharing import planned_tensor_bytes
+
+    w, _ = _layer()
+    four = rtn(w, 4, 32, symmetric=False)
+    split = with_int8_rows(four, w, 40)
+    deq = split.dequantize()
+    assert torch.equal(deq[40:], four.dequantize()[40:])
+    assert (deq[:40] - w[:40]).abs().max() < (four.dequantize()[:40] - w[:40]).abs().max() / 8
+    assert split.tail().qdata.shape == (192 - 40, 256) and split.int8_rows.qdata.shape == (40, 256)
+    q = TensorQuant("int4_weight", 4, 32, asymmetric=True)
+    eager = to_torchao(split, dataclasses.replace(q, int8_rows=40), torch.float32)
+    assert torch.allclose(eager.dequantize(), deq)
+    rows = dataclasses.replace(q, int8_rows=40)
+    assert planned_tensor_bytes(w.shape, rows, {4: 2, 8: 2}) - planned_tensor_bytes(w.shape, q, {4: 2, 8: 2}) == (
+        40 * 256 + 40 * 2 - (40 * 256 // 2 + 40 * 8 * 2 + 40 * 8 // 2)
+    )
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    opts = ExportOptions(model=str(tiny), target="coreml")
+    plan = plan_for_target(model, loaded, opts, "coreml", "shared4", lambda _t: None, StageLog())
+    off = plan_for_target(
+        model, loaded, dataclasses.replace(opts, tie_int8_rows=0), "coreml", "shared4", lambda _t: None, StageLog()
+    )
+    assert plan.tensors["lm_head.weight"].int8_rows == model.lm_head.weight.shape[0] // 8
+    assert off.tensors["lm_head.weight"].int8_rows == 0
+    assert plan.mixed["cap_bytes"] == off.mixed["cap_bytes"]  # same cap: the rows are paid from the budget
+    assert stored_bytes(model, plan, "coreml")["total"] <= plan.mixed["cap_bytes"]
+    with pytest.raises(MlexportError, match="--tie-int8-rows"):
+        validate_options(ExportOptions(target="onnx", tie_int8_rows=100))

@@ -17,15 +17,7 @@ from mlexport.validate import drift
 from mlexport.validate.corpus import load_corpus
 
 from mlexport.model import build_decoder
-from mlexport.pipeline import (
-    ExportOptions,
-    StageLog,
-    compute_quantized,
-    mixed_precision,
-    stored_bytes,
-    tie_grid,
-    weight_only,
-)
+from mlexport.pipeline import ExportOptions, StageLog, compute_quantized, plan_for_target, stored_bytes
 from mlexport.sources import LoadedModel
 from mlexport.tokenizer import Tokenizer
 
@@ -49,7 +41,6 @@ def sweep(
     window: int = 256,
     say: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    from mlexport.quantize import plan_quantization
     from mlexport.quantize.torchao_map import apply_plan
 
     from mlexport.pipeline import _default_tie_mode
@@ -67,20 +58,8 @@ def sweep(
             continue  # XNNPACK runs symmetric weights only
         opts = dataclasses.replace(ExportOptions(target=target), **overrides)
         model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
-        plan = plan_quantization(
-            model,
-            opts.quant,
-            opts.group_size,
-            _default_tie_mode("default", target),
-            target != "onnx",
-            opts.quantizer if opts.quantizer != "auto" else "rtn",
-            bool(opts.asymmetric),
-        )
-        plan = tie_grid(plan, target, opts.group_size)
-        if target == "coreml":
-            plan = weight_only(plan)
         say(f"{label}: planning")
-        plan = mixed_precision(model, plan, loaded, opts, target, say, StageLog())
+        plan = plan_for_target(model, loaded, opts, target, _default_tie_mode("default", target), say, StageLog())
         size = stored_bytes(model, plan, target)["total"]
         values = compute_quantized(model, plan, loaded, None, say)
         if opts.quant != "fp32":
