@@ -344,7 +344,13 @@ def mixed_precision(
     base = stored_bytes(model, plan, target)["total"]  # the tie's int8 rows are paid first
     budget = int(cap - base)
     if budget <= 0:
-        plan.notes.append(f"--size-budget {cap / 1e6:.1f} MB is below the all-4-bit size {base / 1e6:.1f} MB")
+        what = "--size-budget" if opts.size_budget_mb else "the default size budget"
+        rows = (
+            " (with the tie's int8 rows; lower --tie-int8-rows)"
+            if base > stored_bytes(model, all4, target)["total"]
+            else ""
+        )
+        plan.notes.append(f"{what} {cap / 1e6:.1f} MB is below the 4-bit size {base / 1e6:.1f} MB{rows}")
         return plan
     say("measuring each tensor's sensitivity (KLD with only it at 4 bits)")
 

@@ -254,5 +254,14 @@ def test_int8_tie_rows_are_stored_and_run_as_planned(tiny: Path) -> None:
     assert off.tensors["lm_head.weight"].int8_rows == 0
     assert plan.mixed["cap_bytes"] == off.mixed["cap_bytes"]  # same cap: the rows are paid from the budget
     assert stored_bytes(model, plan, "coreml")["total"] <= plan.mixed["cap_bytes"]
+    vocab = model.lm_head.weight.shape[0]
+    costly = plan_for_target(
+        model, loaded, dataclasses.replace(opts, tie_int8_rows=vocab - 1), "coreml", "shared4", print, StageLog()
+    )
+    assert costly.mixed is None and any("lower --tie-int8-rows" in n for n in costly.notes)  # said, not hidden
+    with pytest.raises(MlexportError, match="--tie-int8-rows takes 0 to"):
+        plan_for_target(
+            model, loaded, dataclasses.replace(opts, tie_int8_rows=vocab), "coreml", "shared4", print, StageLog()
+        )
     with pytest.raises(MlexportError, match="--tie-int8-rows"):
         validate_options(ExportOptions(target="onnx", tie_int8_rows=100))
