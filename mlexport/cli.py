@@ -34,7 +34,6 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass bars; our own spinner says what runs
     import torch  # noqa: F401  (torch configures its loggers on import; quiet them after)
 
     for name in ("torch", "torchao", "executorch", "root", "transformers", "coremltools"):
@@ -646,6 +645,9 @@ def _short(value: Any) -> str:
 
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, never a traceback."""
+    # tqdm reads TQDM_* once, when it is first imported (torch imports it), so this must come before anything
+    # imports torch: coremltools' per-pass bars would otherwise print through our own progress lines.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
         if isinstance(code, int) and code:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_help_shows_bracketed_defaults_verbatim() -> None:
@@ -24,3 +25,20 @@ def test_a_bad_flag_is_a_usage_error_not_a_traceback() -> None:
     )
     assert run.returncode == 2, run.stderr
     assert "No such option: --no-such-flag" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_coremltools_progress_bars_stay_out_of_export_output(tmp_path: Path) -> None:
+    """coremltools prints a tqdm bar per conversion pass; the CLI shows its own progress instead. tqdm reads
+    TQDM_DISABLE only when torch first imports it, which an early import once made too late."""
+    from tiny import llama_config, save_hf_dir
+
+    save_hf_dir(tmp_path / "m", llama_config())
+    run = subprocess.run(
+        [sys.executable, "-m", "mlexport.cli", "export", "--model", str(tmp_path / "m"), "--target", "coreml"]
+        + ["--quant", "fp16", "-o", str(tmp_path / "out"), "--max-context", "32"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "model.mlpackage").is_dir()
+    assert "Running MIL" not in run.stderr + run.stdout and "Converting PyTorch" not in run.stderr + run.stdout
