@@ -272,9 +272,10 @@ def plan_for_target(
 def tie_grid(plan: Any, target: str, group_size: int, vocab: int, int8_rows: int | None = None) -> Any:
     """Core ML's 4-bit tie (``shared4``) gets zero points: it serves every logit, and on the demo within Core ML's
     80 MB (eager) that gave KLD 0.062 -> 0.054 on the built-in corpus and 0.100 -> 0.079 on held-out text (blocks
-    of 16 cost too many exact body blocks there). ONNX keeps the symmetric tie: blocks of 16 with zero points drift
-    far less there too (0.037 -> 0.016 with an exact body), but MatMulNBits runs that 49152-row head ~17% slower
-    per decoded token, below the onnxruntime-genai builder's speed. Only at the default group size: an explicit
+    of 16 cost too many exact body blocks there). ONNX keeps its tie in blocks of 32 (with zero points, its
+    default for every 4-bit tensor): blocks of 16 with zero points drift far less there too (0.037 -> 0.016 with
+    an exact body), but MatMulNBits runs that 49152-row head ~17% slower per decoded token, below the
+    onnxruntime-genai builder's speed. Only at the default group size: an explicit
     ``--group-size`` is taken as asked.
 
     Core ML's tie also keeps its first ``int8_rows`` rows (default TIE_INT8_ROWS) at int8 per row: the frequent
@@ -335,21 +336,13 @@ def mixed_precision(
     if loaded.tokenizer_dir is None:
         plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
         return plan
-    all4 = dataclasses.replace(plan, tensors={n: dataclasses.replace(q, int8_rows=0) for n, q in plan.tensors.items()})
-    cap = (
-        opts.size_budget_mb * 1e6
-        if opts.size_budget_mb
-        else stored_bytes(model, all4, target)["total"] * (1 + MIXED_SLACK[target])
-    )
+    all4 = stored_bytes(model, plan.without_int8_rows(), target)["total"]
+    cap = opts.size_budget_mb * 1e6 if opts.size_budget_mb else all4 * (1 + MIXED_SLACK[target])
     base = stored_bytes(model, plan, target)["total"]  # the tie's int8 rows are paid first
     budget = int(cap - base)
     if budget <= 0:
         what = "--size-budget" if opts.size_budget_mb else "the default size budget"
-        rows = (
-            " (with the tie's int8 rows; lower --tie-int8-rows)"
-            if base > stored_bytes(model, all4, target)["total"]
-            else ""
-        )
+        rows = " (with the tie's int8 rows; lower --tie-int8-rows)" if base > all4 else ""
         plan.notes.append(f"{what} {cap / 1e6:.1f} MB is below the 4-bit size {base / 1e6:.1f} MB{rows}")
         return plan
     say("measuring each tensor's sensitivity (KLD with only it at 4 bits)")

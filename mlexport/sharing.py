@@ -110,7 +110,7 @@ def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[int, int] | None 
     """Bytes of one planned tensor (a ``TensorQuant``) with its zero points: integer ones are 4-bit, two to a
     byte (MatMulNBits, Core ML uint4 offsets); a reused Q4_1 grid's are floats as wide as its scales."""
     rows, cols = int(shape[0]), int(torch.Size(shape).numel()) // int(shape[0])
-    head = min(getattr(q, "int8_rows", 0), rows)  # stored at int8 per row instead (TensorQuant.int8_rows)
+    head = min(q.int8_rows, rows)  # stored at int8 per row instead (TensorQuant.int8_rows)
     numel = (rows - head) * cols
     total = tensor_bytes(numel, rows - head, q.scheme, q.group_size, scale_bytes)
     if head:

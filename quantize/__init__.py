@@ -7,7 +7,7 @@ must refuse, never silently skip, a tensor it cannot represent as planned.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -57,6 +57,11 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # the text GPTQ saw (name, sha256, tokens)
     mixed: dict[str, Any] | None = None  # sensitivity-driven 8-bit upgrades: budget and the tensors chosen
+
+    def without_int8_rows(self) -> QuantPlan:
+        """This plan with every tensor at its own width throughout: the all-4-bit baseline the size budget is
+        measured from, and what per-tensor sensitivity depends on."""
+        return replace(self, tensors={name: replace(q, int8_rows=0) for name, q in self.tensors.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {

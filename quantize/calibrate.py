@@ -493,6 +493,8 @@ def sensitivity_cached(
     from mlexport.tokenizer import Tokenizer
 
     text, info = calibration_info(calibration)
+    # each tensor is measured alone at its full 4 bits, so the tie's int8 rows do not change the numbers
+    plan = plan.without_int8_rows()
     key = cache_key(model_sha256, dataclasses.replace(plan, calibration=info, mixed={"n": SENSITIVITY_TOKENS}))
     path = cache_dir() / "quantized" / f"{key}.sensitivity.json" if key else None
     return _json_cached(path, lambda: tensor_sensitivity(model, plan, Tokenizer(tokenizer_dir).encode(text), progress))

@@ -265,3 +265,12 @@ def test_int8_tie_rows_are_stored_and_run_as_planned(tiny: Path) -> None:
         )
     with pytest.raises(MlexportError, match="--tie-int8-rows"):
         validate_options(ExportOptions(target="onnx", tie_int8_rows=100))
+    with pytest.raises(MlexportError, match="exclude each other"):
+        validate_options(ExportOptions(target="coreml", tie_int8_rows=100, palettize=4))
+    with pytest.raises(MlexportError, match="4-bit tied table"):  # 8-bit has no 4-bit tie to split
+        eight = dataclasses.replace(opts, quant="8bit", tie_int8_rows=10)
+        plan_for_target(model, loaded, eight, "coreml", "shared4", print, StageLog())
+    palette = plan_for_target(
+        model, loaded, dataclasses.replace(opts, palettize=4), "coreml", "shared4", print, StageLog()
+    )
+    assert palette.tensors["lm_head.weight"].int8_rows == 0  # a palette replaces the linear quantization
