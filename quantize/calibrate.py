@@ -8,6 +8,7 @@ runs quantized.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -383,20 +384,63 @@ def cache_key(model_sha256: str | None, plan: QuantPlan) -> str | None:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+# Quantized values cost ~150 MB per plan for the demo model, and every preset, group size or budget is its own
+# plan, so a sweep or a few experiments would fill a disk. Keep the most recently used entries under this many GB
+# (MLEXPORT_CACHE_MAX_GB; 0 keeps nothing).
+CACHE_MAX_GB = 4.0
+
+
+def cache_limit_bytes() -> int:
+    raw = os.environ.get("MLEXPORT_CACHE_MAX_GB", "")
+    try:
+        return int(float(raw) * 1e9) if raw else int(CACHE_MAX_GB * 1e9)
+    except ValueError:
+        raise MlexportError(f"MLEXPORT_CACHE_MAX_GB={raw!r} is not a number of GB; set it to e.g. 4") from None
+
+
+def prune_cache(folder: Path, keep: Path | None = None, limit: int | None = None) -> list[Path]:
+    """Delete the least recently used ``*.pt`` entries until the rest fit in ``limit`` bytes (default
+    ``cache_limit_bytes()``); ``keep`` (the entry just written) always stays. Returns what was deleted."""
+    limit = cache_limit_bytes() if limit is None else limit
+    entries = []
+    for path in folder.glob("*.pt"):
+        try:
+            stat = path.stat()
+        except OSError:  # removed by a concurrent run
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        total -= size
+    return removed
+
+
 def load_cached(path: Path) -> dict[str, QuantizedWeight] | None:
     if not path.is_file():
         return None
     try:
         raw = torch.load(path, weights_only=True)
-        return {
+        results = {
             name: QuantizedWeight(v["qdata"], v["scale"], v.get("zero_point"), int(v["bits"]), int(v["group_size"]))
             for name, v in raw.items()
         }
     except Exception:  # noqa: BLE001  (a torn or stale cache file is recomputed, never trusted)
         return None
+    with contextlib.suppress(OSError):  # a read-only cache still serves hits
+        os.utime(path)  # a hit counts as a use: prune_cache evicts by last use
+    return results
 
 
 def save_cached(path: Path, results: dict[str, QuantizedWeight]) -> None:
+    if cache_limit_bytes() == 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = {
         name: {
@@ -415,6 +459,8 @@ def save_cached(path: Path, results: dict[str, QuantizedWeight]) -> None:
         os.replace(tmp, path)
     except OSError:
         Path(tmp).unlink(missing_ok=True)  # the cache is an optimization: failing to write it is not an error
+        return
+    prune_cache(path.parent, keep=path)
 
 
 def prepare(
@@ -457,6 +503,7 @@ def prepare(
     key = cache_key(model_sha256, plan)
     from mlexport.sources import cache_dir
 
+    cache_limit_bytes()  # a malformed MLEXPORT_CACHE_MAX_GB fails here, before minutes of GPTQ
     path = cache_dir() / "quantized" / f"{key}.pt" if key else None
     results = load_cached(path) if path else None
     if results is None:

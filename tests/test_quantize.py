@@ -4,6 +4,7 @@ mixed precision must respect its budget and pick by measured sensitivity; result
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,14 @@ from mlexport.quantize.algorithms import gptq, output_error, rtn, search
 from mlexport.quantize.calibrate import (
     DEFAULT_CALIBRATION,
     SELF_GENERATED,
+    cache_limit_bytes,
     calibration_set,
     calibration_windows,
     default_calibration_text,
+    load_cached,
     prepare,
     quantize_weights,
+    save_cached,
 )
 from mlexport.quantize.sensitivity import choose_upgrades, tensor_sensitivity
 from mlexport.quantize.torchao_map import apply_plan
@@ -170,6 +174,28 @@ def test_prepare_is_cached_and_reproducible(tiny: Path, tmp_path: Path, monkeypa
     changed.write_text("other text " * 50)
     with pytest.raises(MlexportError, match="changed since export"):
         prepare(model, plan, loaded.source["sha256"], loaded.tokenizer_dir, calibration=changed)
+
+
+def test_the_quantized_cache_stays_under_its_limit_evicting_the_least_recently_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "quantized"
+    values = {"w": rtn(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)), 4, 32)}
+    paths = [folder / f"{i}.pt" for i in range(4)]
+    for i, path in enumerate(paths):
+        save_cached(path, values)
+        os.utime(path, (1000 + i, 1000 + i))  # written in order: 0 is the oldest
+    size = paths[0].stat().st_size
+    assert load_cached(paths[0]) is not None  # a hit makes 0 the most recently used
+    monkeypatch.setenv("MLEXPORT_CACHE_MAX_GB", str(2.5 * size / 1e9))
+    save_cached(folder / "new.pt", values)  # five entries, room for two: the new one and the last used stay
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["0.pt", "new.pt"]
+    monkeypatch.setenv("MLEXPORT_CACHE_MAX_GB", "0")
+    save_cached(folder / "off.pt", values)
+    assert not (folder / "off.pt").exists()
+    monkeypatch.setenv("MLEXPORT_CACHE_MAX_GB", "lots")
+    with pytest.raises(MlexportError, match="MLEXPORT_CACHE_MAX_GB"):
+        cache_limit_bytes()
 
 
 def test_mixed_precision_spends_the_budget_on_the_most_sensitive(tiny: Path) -> None:
