@@ -281,7 +281,14 @@ def validate(
 def quantize_sweep(
     model: str = typer.Argument("demo", help="demo | DIR | FILE.gguf | HUB_ID"),
     target: str = typer.Option("executorch", "--target", "-t", help="executorch | onnx | coreml"),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="scored corpus tokens per row"),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="corpus tokens per row (bounds the cost)"),
+    corpus: Path | None = typer.Option(
+        None, "--corpus", help="plain-text corpus, e.g. held-out text [default: Python stdlib docs]"
+    ),
+    window: int = typer.Option(256, "--window", help="tokens per teacher-forced window"),
+    score_from: int = typer.Option(
+        0, "--score-from", help="score positions >= this in each window (llama.cpp: --window 512 --score-from 255)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON rows instead of the table"),
 ) -> None:
     """Score every quantization preset of one target in one run: bits/weight, size, KLD, same top-1.
@@ -303,12 +310,20 @@ def quantize_sweep(
         if loaded.tokenizer_dir is None:
             raise MlexportError(f"{model} has no tokenizer; the sweep scores a text corpus and needs one")
         rows = sweep(
-            loaded, target, max_tokens, say=lambda t: bar.update(task, description=t.removeprefix("progress:"))
+            loaded,
+            target,
+            max_tokens,
+            window,
+            say=lambda t: bar.update(task, description=t.removeprefix("progress:")),
+            corpus=corpus,
+            score_from=score_from,
         )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{model} → {target}: drift vs fp32 over {rows[0]['tokens']} corpus tokens (eager)")
+    table = Table(
+        title=f"{model} → {target}: drift vs fp32 over {rows[0]['tokens']} tokens of {rows[0]['corpus']} (eager)"
+    )
     for column in ("preset", "bits/weight", "MB", "KLD mean", "same top-1 %", "PPL ratio", "upgraded tensors"):
         table.add_column(column, justify="left" if column == "preset" else "right")
     for r in rows:

@@ -243,6 +243,21 @@ def test_quantize_sweep_scores_every_preset(tiny: Path) -> None:
     mixed = rows["4bit gptq + mixed"]
     assert mixed["upgrades"] > 0 and mixed["size_mb"] >= rows["4bit gptq"]["size_mb"]
     assert len({r["tokens"] for r in rows.values()}) == 1 and rows["fp16"]["tokens"] >= 90
+    # blocks of 64: fewer scale and zero-point bytes than blocks of 32 with the same zero points
+    assert rows["4bit gptq block 64"]["bits_per_weight"] < rows["4bit gptq asym"]["bits_per_weight"]
+
+
+def test_quantize_sweep_scores_a_held_out_text_under_llama_cpp_protocol(tiny: Path, tmp_path: Path) -> None:
+    from mlexport.validate.sweep import sweep
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(" ".join(f"clause {i} of the agreement binds party {i % 7}." for i in range(200)))
+    loaded = load_model(str(tiny))
+    rows = sweep(loaded, "executorch", max_tokens=128, window=64, corpus=held_out, score_from=31)
+    assert {r["corpus"] for r in rows} == {str(held_out)}
+    assert all(r["tokens"] == 2 * 32 for r in rows)  # two windows of 64, positions 31..62 scored
+    with pytest.raises(MlexportError, match="--score-from 64 leaves no scored position"):
+        sweep(loaded, "executorch", max_tokens=128, window=64, corpus=held_out, score_from=64)
 
 
 def test_int8_tie_rows_are_stored_and_run_as_planned(tiny: Path) -> None:

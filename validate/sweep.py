@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlexport.validate import drift
 from mlexport.validate.corpus import load_corpus
 
+from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
 from mlexport.pipeline import ExportOptions, StageLog, compute_quantized, plan_for_target, stored_bytes
 from mlexport.sources import LoadedModel
@@ -31,6 +34,10 @@ SWEEP_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("4bit gptq + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": False}),
     ("4bit gptq asym", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True, "size_budget_mb": 0}),
     ("4bit gptq asym + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True}),
+    # blocks of 64 with the target's own zero-point default: the smallest 4-bit row, and on ONNX the fast one
+    # (decode there is memory-bound: 1.10x the onnxruntime-genai builder on the demo, against ~0.88x for the
+    # default; README, "Session 10: why, measured")
+    ("4bit gptq block 64", {"quant": "4bit", "quantizer": "gptq", "group_size": 64, "size_budget_mb": 0}),
 )
 
 
@@ -40,17 +47,27 @@ def sweep(
     max_tokens: int = 1024,
     window: int = 256,
     say: Callable[[str], None] | None = None,
+    corpus: Path | None = None,
+    score_from: int = 0,
 ) -> list[dict[str, Any]]:
+    """One row per preset of SWEEP_ROWS. ``corpus``, ``window`` and ``score_from`` mean what they mean for
+    ``mlexport validate``, so a held-out text scores the presets under the same protocol (llama.cpp's:
+    ``window=512, score_from=255``)."""
     from mlexport.quantize.torchao_map import apply_plan
 
     from mlexport.pipeline import _default_tie_mode
 
     say = say or (lambda _t: None)
-    text, _ = load_corpus(None)
+    text, corpus_info = load_corpus(corpus)
     windows = drift.make_windows(Tokenizer(loaded.tokenizer_dir).encode(text), window, max_tokens)
-    say(f"fp32 reference over {windows.scored} tokens")
+    positions = np.concatenate([np.arange(len(w) - 1) for w in windows.windows])
+    scored = positions >= score_from
+    if not scored.any():
+        raise MlexportError(f"--score-from {score_from} leaves no scored position in windows of {window}; lower it")
+    targets = windows.targets[scored]
+    say(f"fp32 reference over {int(scored.sum())} tokens")
     fp32_model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
-    fp32 = drift.run_torch(fp32_model, windows)
+    fp32 = drift.run_torch(fp32_model, windows)[scored]
     n_params = sum(p.numel() for p in fp32_model.parameters())  # the tie counts once: what is stored
     rows = []
     for label, overrides in SWEEP_ROWS:
@@ -65,8 +82,8 @@ def sweep(
         if opts.quant != "fp32":
             apply_plan(model, plan, values)
         say(f"{label}: scoring")
-        logits = drift.run_torch(model, windows)
-        stats, _ = drift.compare(fp32, logits, windows.targets)
+        logits = drift.run_torch(model, windows)[scored]
+        stats, _ = drift.compare(fp32, logits, targets)
         rows.append(
             {
                 "preset": label,
@@ -76,7 +93,8 @@ def sweep(
                 "kld_stderr": stats["kld_stderr"],
                 "same_top1": stats["same_top1"],
                 "ppl_ratio": stats["ppl_ratio"],
-                "tokens": windows.scored,
+                "tokens": int(scored.sum()),
+                "corpus": corpus_info["name"],
                 "upgrades": len(plan.mixed["upgrades"]) if plan.mixed else 0,
             }
         )
