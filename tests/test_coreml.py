@@ -111,6 +111,8 @@ def test_int4_program_state_and_storage(exported: dict, models: dict[str, Path])
     block = [b for b in blobs if any(s.startswith("layers.0.self_attn.q_proj") for s in b["serves"])]
     assert block and all(s.endswith("(executed layers 0, 1)") for b in block for s in b["serves"])
     assert manifest["storage"]["duplicated_bytes"] == 0
+    # a tiny model's blob records are a large part of weight.bin: no false "duplicated" warning from them
+    assert manifest["accounting"]["within_slack"] and not manifest["warnings"], manifest["accounting"]
     got, ref = _interpreted(artifact), _eager(models["ls"])
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() > 0.9, cos
