@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -29,6 +31,16 @@ from mlexport.errors import MlexportError
 CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 256
 ALGORITHM_VERSION = "7"  # bump when a quantizer's output changes, so cached results are not reused
+# The modules whose code decides the cached values. Their source goes into the cache key too: a manual version
+# alone let values computed by an edited, uncommitted quantizer outlive the edit under the same key (session 7's
+# recorded ExecuTorch drift, 0.0938 / 0.1187, was measured that way; its own commit recomputes 0.0951 / 0.1249).
+CACHED_CODE = (
+    "mlexport.quantize",
+    "mlexport.quantize.algorithms",
+    "mlexport.quantize.calibrate",
+    "mlexport.quantize.sensitivity",
+    "mlexport.model",
+)
 DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
 # The default text's second part: the model's own samples (LLM-QAT's data-free calibration), 3,072 of the 8,192
 # tokens. On the demo it lowered held-out drift (GPL-3 text: KLD 0.20 -> 0.16, greedy agreement 77% -> 83%) for
@@ -374,11 +386,29 @@ def _run_block(work: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tens
 # --- cache: GPTQ is deterministic for a model, plan and calibration text, so validate need not run it again ---
 
 
+@functools.cache
+def code_digest() -> str:
+    """sha256 over the source of CACHED_CODE, read from the files (an installed or an edited checkout alike)."""
+    digest = hashlib.sha256()
+    for name in CACHED_CODE:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise MlexportError(f"cannot find {name}'s source to key the quantization cache; reinstall mlexport")
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(model_sha256: str | None, plan: QuantPlan) -> str | None:
     if not model_sha256:
         return None
     payload = json.dumps(
-        {"model": model_sha256, "plan": plan.to_dict(), "version": ALGORITHM_VERSION, "torch": torch.__version__},
+        {
+            "model": model_sha256,
+            "plan": plan.to_dict(),
+            "version": ALGORITHM_VERSION,
+            "code": code_digest(),
+            "torch": torch.__version__,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]

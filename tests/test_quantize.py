@@ -176,6 +176,19 @@ def test_prepare_is_cached_and_reproducible(tiny: Path, tmp_path: Path, monkeypa
         prepare(model, plan, loaded.source["sha256"], loaded.tokenizer_dir, calibration=changed)
 
 
+def test_the_cache_key_follows_the_quantizer_source(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edited quantizer must not be served values its previous code computed under the same version."""
+    from mlexport.quantize import calibrate
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    plan = plan_quantization(model, "4bit", 32, "shared8", True, "gptq")
+    before = calibrate.cache_key("sha", plan)
+    assert before == calibrate.cache_key("sha", plan) and len(calibrate.code_digest()) == 16
+    monkeypatch.setattr(calibrate, "code_digest", lambda: "edited")
+    assert calibrate.cache_key("sha", plan) != before
+
+
 def test_the_quantized_cache_stays_under_its_limit_evicting_the_least_recently_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
