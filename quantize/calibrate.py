@@ -149,7 +149,7 @@ def _cached_self_generated(model: nn.Module, model_sha256: str | None) -> list[l
     from mlexport.sources import cache_dir
 
     params = json.dumps(SELF_GENERATED, sort_keys=True)
-    key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}{code_digest()}".encode()).hexdigest()[:32]
     path = cache_dir() / "calibration" / f"{key}.json" if model_sha256 else None
     return _json_cached(path, lambda: self_generated(model, **SELF_GENERATED))
 
