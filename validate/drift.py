@@ -40,6 +40,19 @@ class Windows:
     def scored(self) -> int:
         return sum(len(w) - 1 for w in self.windows)
 
+    def positions(self) -> np.ndarray:
+        """Each prediction's position inside its window, aligned with ``targets``."""
+        return np.concatenate([np.arange(len(w) - 1) for w in self.windows])
+
+    def scored_mask(self, score_from: int) -> np.ndarray:
+        """Which predictions count: positions >= ``score_from`` (llama.cpp scores the second half of each 512-token
+        window: ``score_from=255``). Refuses a value that leaves none."""
+        mask = self.positions() >= score_from
+        if not mask.any():
+            window = max(len(w) for w in self.windows)
+            raise MlexportError(f"--score-from {score_from} leaves no scored position in windows of {window}; lower it")
+        return mask
+
 
 def make_windows(token_ids: list[int], window: int, max_tokens: int) -> Windows:
     if window < 8:

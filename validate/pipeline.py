@@ -50,11 +50,8 @@ def run_validation(
     tokenizer = Tokenizer(opened[0][1])
     window = min(window, min(rt.max_context for rt, _, _ in opened))
     windows = drift.make_windows(tokenizer.encode(text), window, max_tokens)
-    positions = np.concatenate([np.arange(len(w) - 1) for w in windows.windows])
-    scored = positions >= score_from
-    if not scored.any():
-        raise MlexportError(f"--score-from {score_from} leaves no scored position in windows of {window}; lower it")
-    targets, positions = windows.targets[scored], positions[scored]
+    scored = windows.scored_mask(score_from)
+    targets, positions = windows.targets[scored], windows.positions()[scored]
     say(f"fp32 PyTorch reference over {windows.scored} tokens")
     fp32 = drift.run_torch(drift.fp32_reference(loaded, window), windows, advance)[scored]
     quant_refs: dict[str, np.ndarray] = {}

@@ -14,11 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from mlexport.validate import drift
 from mlexport.validate.corpus import load_corpus
 
-from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
 from mlexport.pipeline import ExportOptions, StageLog, compute_quantized, plan_for_target, stored_bytes
 from mlexport.sources import LoadedModel
@@ -60,10 +58,7 @@ def sweep(
     say = say or (lambda _t: None)
     text, corpus_info = load_corpus(corpus)
     windows = drift.make_windows(Tokenizer(loaded.tokenizer_dir).encode(text), window, max_tokens)
-    positions = np.concatenate([np.arange(len(w) - 1) for w in windows.windows])
-    scored = positions >= score_from
-    if not scored.any():
-        raise MlexportError(f"--score-from {score_from} leaves no scored position in windows of {window}; lower it")
+    scored = windows.scored_mask(score_from)
     targets = windows.targets[scored]
     say(f"fp32 reference over {int(scored.sum())} tokens")
     fp32_model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
