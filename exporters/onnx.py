@@ -309,14 +309,7 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
         g.rename(gqa[2], f"present.{i}.value")
         attn_out = linear.apply(gqa[0], f"{prefix}.self_attn.o_proj", [attn.o_proj])
         post_w = _norm_weight(g, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
-        x, _, _, h = g.node(
-            "SkipSimplifiedLayerNormalization",
-            [h, attn_out, post_w],
-            n_out=4,
-            domain=MS,
-            unused=SKIP_STATS,
-            epsilon=eps,
-        )
+        x, h = _skip_norm(g, h, attn_out, post_w, eps)
         mlp = block.mlp
         gate = linear.apply(x, f"{prefix}.mlp.gate_proj", [mlp.gate_proj])
         up = linear.apply(x, f"{prefix}.mlp.up_proj", [mlp.up_proj])
@@ -327,9 +320,7 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             next_w = _norm_weight(g, model.layers[nxt].input_layernorm, f"layers.{nxt}.input_layernorm")
         else:
             next_w = _norm_weight(g, model.norm, "norm")
-        x, _, _, h = g.node(
-            "SkipSimplifiedLayerNormalization", [h, mlp_out, next_w], n_out=4, domain=MS, unused=SKIP_STATS, epsilon=eps
-        )
+        x, h = _skip_norm(g, h, mlp_out, next_w, eps)
     logits = _head(g, linear, model, plan, x)
     g.rename(logits, "logits")
 
@@ -339,6 +330,20 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
     )
     proto.ir_version = IR_VERSION
     return proto, g.sources
+
+
+def _skip_norm(g: GraphWriter, residual: str, update: str, weight: str, eps: float) -> tuple[str, str]:
+    """(normalized, new residual) = RMSNorm(residual + update), residual + update: one fused node. Its mean and
+    inverse-std outputs are training-only and left unnamed (SKIP_STATS), so the kernel skips them."""
+    x, _, _, h = g.node(
+        "SkipSimplifiedLayerNormalization",
+        [residual, update, weight],
+        n_out=4,
+        domain=MS,
+        unused=SKIP_STATS,
+        epsilon=eps,
+    )
+    return x, h
 
 
 def _norm_weight(g: GraphWriter, norm: RMSNorm, name: str) -> str:
