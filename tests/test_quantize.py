@@ -187,6 +187,16 @@ def test_the_cache_key_follows_the_quantizer_source(tiny: Path, monkeypatch: pyt
     assert before == calibrate.cache_key("sha", plan) and len(calibrate.code_digest()) == 16
     monkeypatch.setattr(calibrate, "code_digest", lambda: "edited")
     assert calibrate.cache_key("sha", plan) != before
+    monkeypatch.undo()
+    # a module whose source cannot be found: a one-line error, never a key that ignores the code
+    monkeypatch.setattr(calibrate, "CACHED_CODE", ("mlexport.no_such_module",))
+    calibrate.code_digest.cache_clear()
+    try:
+        with pytest.raises(MlexportError, match="mlexport.no_such_module's source"):
+            calibrate.code_digest()
+    finally:
+        monkeypatch.undo()
+        calibrate.code_digest.cache_clear()
 
 
 def test_the_quantized_cache_stays_under_its_limit_evicting_the_least_recently_used(
