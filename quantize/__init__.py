@@ -57,6 +57,7 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # the text GPTQ saw (name, sha256, tokens)
     mixed: dict[str, Any] | None = None  # sensitivity-driven 8-bit upgrades: budget and the tensors chosen
+    tune: dict[str, Any] | None = None  # end-to-end scale tuning after GPTQ (quantize/tune.py): recipe and text
 
     def without_int8_rows(self) -> QuantPlan:
         """This plan with every tensor at its own width throughout: the all-4-bit baseline the size budget is
@@ -71,6 +72,7 @@ class QuantPlan:
             "notes": self.notes,
             "calibration": self.calibration,
             "mixed": self.mixed,
+            "tune": self.tune,
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
 
@@ -85,6 +87,7 @@ class QuantPlan:
             notes=raw.get("notes", []),
             calibration=raw.get("calibration"),
             mixed=raw.get("mixed"),
+            tune=raw.get("tune"),
         )
 
     def summary(self) -> dict[str, int]:

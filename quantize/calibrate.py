@@ -39,6 +39,7 @@ CACHED_CODE = (
     "mlexport.quantize.algorithms",
     "mlexport.quantize.calibrate",
     "mlexport.quantize.sensitivity",
+    "mlexport.quantize.tune",
     "mlexport.model",
 )
 DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
@@ -145,13 +146,15 @@ def calibration_set(
     return windows, info
 
 
-def _cached_self_generated(model: nn.Module, model_sha256: str | None) -> list[list[int]]:
+def _cached_self_generated(
+    model: nn.Module, model_sha256: str | None, sampling: dict[str, int] = SELF_GENERATED
+) -> list[list[int]]:
     from mlexport.sources import cache_dir
 
-    params = json.dumps(SELF_GENERATED, sort_keys=True)
+    params = json.dumps(sampling, sort_keys=True)
     key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}{code_digest()}".encode()).hexdigest()[:32]
     path = cache_dir() / "calibration" / f"{key}.json" if model_sha256 else None
-    return _json_cached(path, lambda: self_generated(model, **SELF_GENERATED))
+    return _json_cached(path, lambda: self_generated(model, **sampling))
 
 
 def _json_cached(path: Path | None, compute: Callable[[], Any]) -> Any:
@@ -501,11 +504,14 @@ def prepare(
     calibration: Path | None = None,
     progress: Progress | None = None,
     source_grids: dict[str, QuantizedWeight] | None = None,
+    tune_progress: Progress | None = None,
 ) -> dict[str, QuantizedWeight]:
     """The plan's quantized values, from the cache when this model, plan and text were quantized before.
 
     Records the calibration text in ``plan.calibration``. When the plan already names one (a manifest's plan,
-    re-run by validate), the text must still hash the same.
+    re-run by validate), the text must still hash the same. A plan with ``tune`` gets its scales tuned end to end
+    after GPTQ (quantize/tune.py), on the calibration windows plus the recipe's own samples of the model, which
+    are recorded in ``plan.tune`` the same way.
     """
     planned = [q for q in plan.tensors.values() if q.bits in (4, 8) and not q.shares]
     if not any(_ours(q) for q in planned):
@@ -530,6 +536,13 @@ def prepare(
                 f"{recorded['sha256'][:12]}…); restore it or re-export"
             )
         plan.calibration = info
+    if plan.tune:
+        if windows is None:
+            raise MlexportError("scale tuning runs after GPTQ; use --quantizer gptq or --no-tune-scales")
+        generated = plan.tune.get("generated_ids") or _cached_self_generated(
+            model, model_sha256, plan.tune["extra_generated"]
+        )
+        plan.tune = {**plan.tune, "generated_ids": generated}
     key = cache_key(model_sha256, plan)
     from mlexport.sources import cache_dir
 
@@ -538,6 +551,11 @@ def prepare(
     results = load_cached(path) if path else None
     if results is None:
         results = quantize_weights(model, plan, windows, progress, source_grids)
+        if plan.tune:
+            from mlexport.quantize.tune import tune_scales
+
+            text = (windows or []) + plan.tune["generated_ids"]
+            results = tune_scales(model, plan, results, text, plan.tune["target"], plan.tune, tune_progress)
         if path:
             save_cached(path, results)
     return _attach_int8_rows(model, plan, results)

@@ -18,7 +18,14 @@ from mlexport.validate import drift
 from mlexport.validate.corpus import load_corpus
 
 from mlexport.model import build_decoder
-from mlexport.pipeline import ExportOptions, StageLog, compute_quantized, plan_for_target, stored_bytes
+from mlexport.pipeline import (
+    TUNE_DEFAULT_TARGETS,
+    ExportOptions,
+    StageLog,
+    compute_quantized,
+    plan_for_target,
+    stored_bytes,
+)
 from mlexport.sources import LoadedModel
 from mlexport.tokenizer import Tokenizer
 
@@ -30,6 +37,11 @@ SWEEP_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("4bit search", {"quant": "4bit", "quantizer": "search", "size_budget_mb": 0, "asymmetric": False}),
     ("4bit gptq", {"quant": "4bit", "quantizer": "gptq", "size_budget_mb": 0, "asymmetric": False}),
     ("4bit gptq + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": False}),
+    # where scale tuning is the default (ExecuTorch), the same plan without it, to show what it buys
+    (
+        "4bit gptq + mixed, no scale tuning",
+        {"quant": "4bit", "quantizer": "gptq", "asymmetric": False, "tune_scales": False},
+    ),
     ("4bit gptq asym", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True, "size_budget_mb": 0}),
     ("4bit gptq asym + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True}),
     # blocks of 64 with the target's own zero-point default: the smallest 4-bit row, and on ONNX the fast one
@@ -68,6 +80,8 @@ def sweep(
     for label, overrides in SWEEP_ROWS:
         if overrides.get("asymmetric") and target == "executorch":
             continue  # XNNPACK runs symmetric weights only
+        if overrides.get("tune_scales") is False and not TUNE_DEFAULT_TARGETS[target]:
+            continue  # the row above is already untuned
         opts = dataclasses.replace(ExportOptions(target=target), **overrides)
         model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
         say(f"{label}: planning")
@@ -91,6 +105,7 @@ def sweep(
                 "tokens": int(scored.sum()),
                 "corpus": corpus_info["name"],
                 "upgrades": len(plan.mixed["upgrades"]) if plan.mixed else 0,
+                "scales_tuned": bool(plan.tune),
             }
         )
     return rows

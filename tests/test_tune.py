@@ -1,0 +1,125 @@
+"""End-to-end scale tuning (quantize/tune.py) on a tiny random model: it must lower the logits' KL divergence from
+the full-precision model, change only the scales, store them at the target's width, and reach the artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlexport.quantize import plan_quantization
+from mlexport.quantize.calibrate import calibration_windows, default_calibration_text, quantize_weights
+from mlexport.quantize.torchao_map import apply_plan
+from mlexport.quantize.tune import TUNE_DEFAULT, fake_quant_int8_per_token, tune_scales
+from tiny import llama_config, save_hf_dir
+
+from mlexport.model import build_decoder
+from mlexport.sources import load_model
+from mlexport.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tune") / "llama"
+    save_hf_dir(directory, llama_config(hidden_size=128, intermediate_size=384, num_hidden_layers=3))
+    return directory
+
+
+def _kld(reference: torch.nn.Module, model: torch.nn.Module, windows: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            want = F.log_softmax(reference(torch.tensor([w]))[0], -1)
+            got = F.log_softmax(model(torch.tensor([w]))[0], -1)
+            total += float((want.exp() * (want - got)).sum())
+            count += len(w)
+    return total / count
+
+
+def test_activation_fake_quant_is_torchaos_int8_per_token() -> None:
+    """The tuning's activation emulation must be the arithmetic the eager reference (and XNNPACK) runs."""
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        choose_qparams_affine,
+        dequantize_affine,
+        quantize_affine,
+    )
+
+    x = torch.randn(5, 64) * 3 + 0.5
+    block = (1, 64)
+    scale, zero = choose_qparams_affine(
+        x, MappingType.ASYMMETRIC, block, torch.int8, -128, 127, torch.finfo(torch.float32).eps
+    )
+    want = dequantize_affine(
+        quantize_affine(x, block, scale, zero, torch.int8, -128, 127), block, scale, zero, torch.int8, -128, 127
+    )
+    assert torch.allclose(fake_quant_int8_per_token(x), want, atol=1e-6)
+
+
+def test_tuning_lowers_the_kl_and_changes_only_the_scales(tiny: Path) -> None:
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    tokens = Tokenizer(loaded.tokenizer_dir).encode(default_calibration_text())
+    windows = [w[:64] for w in calibration_windows(tokens, 1024)]
+    held_out = [tokens[5000 + i : 5000 + i + 64] for i in range(0, 512, 64)]  # text the tuning never sees
+    plan = plan_quantization(model, "4bit", 32, "shared8", True, "gptq")
+    gptq_values = quantize_weights(model, plan, windows)
+    recipe = {**TUNE_DEFAULT, "epochs": 3, "lr": 1e-3}
+    tuned = tune_scales(model, plan, gptq_values, windows, "executorch", recipe)
+
+    assert set(tuned) == set(gptq_values)
+    for name, q in gptq_values.items():
+        assert torch.equal(tuned[name].qdata, q.qdata)  # the integers stay GPTQ's
+        assert tuned[name].zero_point is None
+        scale = tuned[name].scale
+        assert not torch.equal(scale, q.scale)
+        assert torch.equal(scale, scale.to(torch.bfloat16).float())  # XNNPACK's 4-bit scales are bf16
+
+    def quantized(values: dict) -> torch.nn.Module:
+        return apply_plan(build_decoder(loaded.spec, loaded.state_dict, max_context=64), plan, values)
+
+    before, after = quantized(gptq_values), quantized(tuned)
+    assert _kld(model, after, windows) < 0.9 * _kld(model, before, windows)
+    assert _kld(model, after, held_out) < _kld(model, before, held_out)
+
+
+def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_values(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import json
+
+    from mlexport.quantize import QuantPlan
+    from mlexport.quantize.calibrate import cache_key, prepare
+
+    from mlexport.errors import MlexportError
+    from mlexport.pipeline import ExportOptions, StageLog, plan_for_target, validate_options
+
+    monkeypatch.setenv("MLEXPORT_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(str(tiny))
+    sha = loaded.source["sha256"]
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+
+    def plan_for(target: str, tie: str, **flags: object) -> QuantPlan:
+        opts = ExportOptions(target=target, size_budget_mb=0, **flags)
+        return plan_for_target(model, loaded, opts, target, tie, lambda _t: None, StageLog())
+
+    plan = plan_for("executorch", "shared8")
+    assert plan.tune and plan.tune["target"] == "executorch"
+    assert plan_for("onnx", "shared4").tune is None
+    assert plan_for("onnx", "shared4", tune_scales=True).tune["target"] == "onnx"
+    assert plan_for("executorch", "shared8", tune_scales=False).tune is None
+    with pytest.raises(MlexportError, match="--tune-scales tunes GPTQ's 4-bit scales"):
+        validate_options(ExportOptions(target="executorch", quant="8bit", tune_scales=True))
+
+    tuned = prepare(model, plan, sha, loaded.tokenizer_dir)
+    assert len(plan.tune["generated_ids"]) == TUNE_DEFAULT["extra_generated"]["sequences"]
+    recorded = QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))  # what validate reads back
+    assert cache_key(sha, recorded) == cache_key(sha, plan)
+    again = prepare(model, recorded, sha, loaded.tokenizer_dir)
+    untuned = prepare(model, dataclasses.replace(recorded, tune=None), sha, loaded.tokenizer_dir)
+    for name, values in tuned.items():
+        assert torch.equal(values.scale, again[name].scale)
+        assert torch.equal(values.qdata, untuned[name].qdata)
+    assert any(not torch.equal(v.scale, untuned[n].scale) for n, v in tuned.items())
