@@ -123,3 +123,20 @@ def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_value
         assert torch.equal(values.scale, again[name].scale)
         assert torch.equal(values.qdata, untuned[name].qdata)
     assert any(not torch.equal(v.scale, untuned[n].scale) for n, v in tuned.items())
+
+
+def test_tuning_keeps_zero_points_and_stores_fp16_scales_for_onnx(tiny: Path) -> None:
+    """Opt-in on ONNX (and Core ML): zero points stay GPTQ's, scales come out at the width MatMulNBits stores."""
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    tokens = Tokenizer(loaded.tokenizer_dir).encode(default_calibration_text())
+    windows = [w[:64] for w in calibration_windows(tokens, 512)]
+    plan = plan_quantization(model, "4bit", 32, "shared4", False, "gptq", asymmetric=True)
+    values = quantize_weights(model, plan, windows)
+    tuned = tune_scales(model, plan, values, windows, "onnx", {**TUNE_DEFAULT, "epochs": 1, "lr": 1e-3})
+    head = "lm_head.weight"  # the tied table serves the lookup too: left as GPTQ made it
+    assert torch.equal(tuned[head].scale, values[head].scale)
+    body = [n for n in values if n != head]
+    assert body and all(torch.equal(tuned[n].zero_point, values[n].zero_point) for n in body)
+    assert all(torch.equal(tuned[n].scale, tuned[n].scale.half().float()) for n in body)
+    assert any(not torch.equal(tuned[n].scale, values[n].scale) for n in body)
