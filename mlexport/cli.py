@@ -114,7 +114,7 @@ def export(
         None,
         "--tune-scales/--no-tune-scales",
         help="4-bit GPTQ: tune every group scale end to end against the fp32 logits (integers and size "
-        "unchanged; ~6 min on the demo, then cached) [default: on for executorch, off for onnx and coreml]",
+        "unchanged; ~7 min on the demo on 2 cores, then cached) [default: on for executorch, off for onnx and coreml]",
     ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
