@@ -414,6 +414,12 @@ def run_bench(
     if kind == "qemu-arm64":
         from mlexport.validate.arm64 import ready
 
+        for artifact in artifacts:  # a wrong artifact is the user's first fix, whether or not the runner is built
+            directory, manifest = bench_manifest(artifact)
+            if manifest.get("target") != "executorch":
+                raise MlexportError(
+                    f"--device qemu-arm64 runs .pte artifacts; {directory.name} is {manifest.get('target')}"
+                )
         if ready() is None:  # before any host work, not after the first artifact's reference run
             raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
     results = []
