@@ -86,14 +86,21 @@ def calibration_windows(token_ids: list[int], n_tokens: int = CALIBRATION_TOKENS
 
 @torch.no_grad()
 def self_generated(
-    model: nn.Module, sequences: int, length: int, top_k: int, greedy_prefix: int, seed: int
+    model: nn.Module,
+    sequences: int,
+    length: int,
+    top_k: int,
+    greedy_prefix: int,
+    seed: int,
+    prefix: list[int] | None = None,
 ) -> list[list[int]]:
     """Sample ``sequences`` texts of ``length`` tokens from the model itself, all in one batch through its KV cache.
 
-    Each starts from a random token and continues greedily for ``greedy_prefix`` tokens (so a stray first token
-    settles into text), then samples from the top ``top_k``. What comes out follows the model's training
-    distribution, not one domain. Fixed seed: the same model gives the same tokens on the same machine, and the
-    tokens are recorded in the plan, so validation elsewhere reuses them rather than sampling again.
+    Each starts from a random token, or from ``prefix`` (a chat template's opening), continues greedily up to
+    ``greedy_prefix`` tokens in (so a stray first token settles into text), then samples from the top ``top_k``.
+    What comes out follows the model's training distribution, not one domain. Fixed seed: the same model gives
+    the same tokens on the same machine, and the tokens are recorded in the plan, so validation elsewhere reuses
+    them rather than sampling again.
     """
     work = copy.deepcopy(model).eval()
     work.backend = "torch"  # plain attention over the widened caches below
@@ -104,11 +111,17 @@ def self_generated(
         cache.k, cache.v = torch.zeros(shape, dtype=cache.k.dtype), torch.zeros(shape, dtype=cache.v.dtype)
     generator = torch.Generator().manual_seed(seed)
     vocab = work.lm_head.weight.shape[0]
-    tokens = torch.randint(0, vocab, (sequences, 1), generator=generator)
+    if prefix:
+        tokens = torch.full((sequences, 1), prefix[0])
+    else:
+        tokens = torch.randint(0, vocab, (sequences, 1), generator=generator)
+    forced = len(prefix) if prefix else 1
     out = [tokens]
     for pos in range(length - 1):
         logits = work(tokens, torch.tensor([pos]))[:, -1].float()
-        if pos + 1 < greedy_prefix:
+        if pos + 1 < forced:
+            tokens = torch.full((sequences, 1), prefix[pos + 1])  # type: ignore[index]
+        elif pos + 1 < greedy_prefix:
             tokens = logits.argmax(-1, keepdim=True)
         else:
             top = torch.softmax(logits, -1).topk(top_k, -1)
@@ -147,14 +160,53 @@ def calibration_set(
 
 
 def _cached_self_generated(
-    model: nn.Module, model_sha256: str | None, sampling: dict[str, int] = SELF_GENERATED
+    model: nn.Module,
+    model_sha256: str | None,
+    sampling: dict[str, int] = SELF_GENERATED,
+    prefix: list[int] | None = None,
 ) -> list[list[int]]:
     from mlexport.sources import cache_dir
 
-    params = json.dumps(sampling, sort_keys=True)
+    params = json.dumps({**sampling, "prefix": prefix} if prefix else sampling, sort_keys=True)
     key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}{code_digest()}".encode()).hexdigest()[:32]
     path = cache_dir() / "calibration" / f"{key}.json" if model_sha256 else None
-    return _json_cached(path, lambda: self_generated(model, **sampling))
+    return _json_cached(path, lambda: self_generated(model, **sampling, prefix=prefix))
+
+
+CHAT_MARKER = "\x00mlexport-user-text\x00"
+
+
+def chat_opening(tokenizer_dir: Path | None) -> str | None:
+    """The text a chat template puts before a user's message (its default system turn and the user header), or
+    None for a model without a template, or one whose template does not show the message verbatim."""
+    if tokenizer_dir is None:
+        return None
+    from mlexport.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    if not tokenizer.chat_template:
+        return None
+    rendered = tokenizer.render_chat(CHAT_MARKER)
+    return rendered.split(CHAT_MARKER)[0] if CHAT_MARKER in rendered else None
+
+
+def tuning_samples(
+    model: nn.Module, model_sha256: str | None, tokenizer_dir: Path | None, recipe: dict[str, Any]
+) -> tuple[list[list[int]], str | None]:
+    """Scale tuning's own samples of the model: free text from random tokens, plus conversations the model
+    writes itself after its chat template's opening (an instruct model's other half of its training
+    distribution). Returns the token ids and the opening used (None: no chat samples)."""
+    generated = _cached_self_generated(model, model_sha256, recipe["extra_generated"])
+    chat = recipe.get("chat_generated")
+    opening = chat_opening(tokenizer_dir) if chat else None
+    if not opening:
+        return generated, None
+    from mlexport.tokenizer import Tokenizer
+
+    prefix = Tokenizer(tokenizer_dir).encode(opening)  # type: ignore[arg-type]
+    if len(prefix) >= min(chat["length"], model.max_context) // 2:
+        return generated, None  # a long system turn would leave the model little to write
+    return generated + _cached_self_generated(model, model_sha256, chat, prefix), opening
 
 
 def _json_cached(path: Path | None, compute: Callable[[], Any]) -> Any:
@@ -539,10 +591,11 @@ def prepare(
     if plan.tune:
         if windows is None:
             raise MlexportError("scale tuning runs after GPTQ; use --quantizer gptq or --no-tune-scales")
-        generated = plan.tune.get("generated_ids") or _cached_self_generated(
-            model, model_sha256, plan.tune["extra_generated"]
-        )
-        plan.tune = {**plan.tune, "generated_ids": generated}
+        if plan.tune.get("generated_ids"):
+            plan.tune = dict(plan.tune)
+        else:
+            generated, opening = tuning_samples(model, model_sha256, tokenizer_dir, plan.tune)
+            plan.tune = {**plan.tune, "generated_ids": generated, "chat_opening": opening}
     key = cache_key(model_sha256, plan)
     from mlexport.sources import cache_dir
 

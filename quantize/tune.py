@@ -15,8 +15,9 @@ XNNPACK's 8da4w runs them) for ``*_dynact`` schemes, and the scales rounded to t
 The text: the GPTQ calibration windows plus more of the model's own samples (LLM-QAT's data-free calibration),
 because the samples follow the model's training distribution rather than one domain: tuning on the 8,192
 calibration tokens alone fitted them far closer (KL 0.10 -> 0.056) and held-out text less (demo, eager, GPL-3 under
-llama.cpp's protocol: 0.129 -> 0.117, against 0.109 with the samples). The exported demo `.pte` went from KLD
-0.0951 to 0.0843 on the built-in corpus and 0.1249 to 0.1125 on GPL-3 (README, Quantization, item 1).
+llama.cpp's protocol: 0.129 -> 0.117, against 0.109 with the samples). The samples include conversations the
+model writes after its chat template's opening: tuned on plain text alone, the demo's chat answers moved (see
+``TUNE_DEFAULT``). Measured numbers: README, Quantization, item 1.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ TUNE_DEFAULT: dict[str, Any] = {
     "epochs": 2,
     "lr": 2e-4,
     "extra_generated": {"sequences": 96, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 1},
+    # Conversations the model writes after its chat template's opening (calibrate.tuning_samples). Without them
+    # the tuning saw no chat turns at all, and the demo's .pte answered the Paris prompt "La Famélice de France,
+    # also known as the City of Love, is the capital of France." (untuned: "The capital of France is Paris").
+    "chat_generated": {"sequences": 48, "length": 128, "top_k": 50, "greedy_prefix": 0, "seed": 2},
 }
 # How each target stores a group's scale (what the tuned scale is rounded to, in training and at the end).
 SCALE_DTYPES = {

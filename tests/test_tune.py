@@ -114,7 +114,12 @@ def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_value
         validate_options(ExportOptions(target="executorch", quant="8bit", tune_scales=True))
 
     tuned = prepare(model, plan, sha, loaded.tokenizer_dir)
-    assert len(plan.tune["generated_ids"]) == TUNE_DEFAULT["extra_generated"]["sequences"]
+    # free text, then conversations after the chat template's opening (the tiny tokenizer has a template)
+    free, chat = TUNE_DEFAULT["extra_generated"]["sequences"], TUNE_DEFAULT["chat_generated"]["sequences"]
+    assert len(plan.tune["generated_ids"]) == free + chat
+    opening = Tokenizer(loaded.tokenizer_dir).encode(plan.tune["chat_opening"])
+    assert opening and all(ids[: len(opening)] == opening for ids in plan.tune["generated_ids"][free:])
+    assert len({tuple(ids) for ids in plan.tune["generated_ids"][free:]}) > chat // 2  # sampled, not one text
     recorded = QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))  # what validate reads back
     assert cache_key(sha, recorded) == cache_key(sha, plan)
     again = prepare(model, recorded, sha, loaded.tokenizer_dir)
