@@ -46,6 +46,14 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=True)
 
+    def chat_opening(self) -> str | None:
+        """What the chat template puts before a user's message (its default system turn and the user header);
+        None without a template, or when the template does not show the message verbatim."""
+        if not self.chat_template:
+            return None
+        rendered = self.render_chat(CHAT_MARKER)
+        return rendered.split(CHAT_MARKER)[0] if CHAT_MARKER in rendered else None
+
     def render_chat(self, prompt: str, system: str | None = None) -> str:
         """Apply the model's chat template the way transformers does (add_generation_prompt=True)."""
         if not self.chat_template:
@@ -65,6 +73,9 @@ class Tokenizer:
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+
+CHAT_MARKER = "\x00mlexport-user-text\x00"
 
 
 def _token_text(value: Any) -> str | None:

@@ -173,37 +173,21 @@ def _cached_self_generated(
     return _json_cached(path, lambda: self_generated(model, **sampling, prefix=prefix))
 
 
-CHAT_MARKER = "\x00mlexport-user-text\x00"
-
-
-def chat_opening(tokenizer_dir: Path | None) -> str | None:
-    """The text a chat template puts before a user's message (its default system turn and the user header), or
-    None for a model without a template, or one whose template does not show the message verbatim."""
-    if tokenizer_dir is None:
-        return None
-    from mlexport.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(tokenizer_dir)
-    if not tokenizer.chat_template:
-        return None
-    rendered = tokenizer.render_chat(CHAT_MARKER)
-    return rendered.split(CHAT_MARKER)[0] if CHAT_MARKER in rendered else None
-
-
 def tuning_samples(
     model: nn.Module, model_sha256: str | None, tokenizer_dir: Path | None, recipe: dict[str, Any]
 ) -> tuple[list[list[int]], str | None]:
     """Scale tuning's own samples of the model: free text from random tokens, plus conversations the model
     writes itself after its chat template's opening (an instruct model's other half of its training
     distribution). Returns the token ids and the opening used (None: no chat samples)."""
-    generated = _cached_self_generated(model, model_sha256, recipe["extra_generated"])
-    chat = recipe.get("chat_generated")
-    opening = chat_opening(tokenizer_dir) if chat else None
-    if not opening:
-        return generated, None
     from mlexport.tokenizer import Tokenizer
 
-    prefix = Tokenizer(tokenizer_dir).encode(opening)  # type: ignore[arg-type]
+    generated = _cached_self_generated(model, model_sha256, recipe["extra_generated"])
+    chat = recipe.get("chat_generated")
+    tokenizer = Tokenizer(tokenizer_dir) if chat and tokenizer_dir else None
+    opening = tokenizer.chat_opening() if tokenizer else None
+    if not opening:
+        return generated, None
+    prefix = tokenizer.encode(opening)  # type: ignore[union-attr]
     if len(prefix) >= min(chat["length"], model.max_context) // 2:
         return generated, None  # a long system turn would leave the model little to write
     return generated + _cached_self_generated(model, model_sha256, chat, prefix), opening
@@ -591,9 +575,7 @@ def prepare(
     if plan.tune:
         if windows is None:
             raise MlexportError("scale tuning runs after GPTQ; use --quantizer gptq or --no-tune-scales")
-        if plan.tune.get("generated_ids"):
-            plan.tune = dict(plan.tune)
-        else:
+        if not plan.tune.get("generated_ids"):  # a manifest's plan brings its own
             generated, opening = tuning_samples(model, model_sha256, tokenizer_dir, plan.tune)
             plan.tune = {**plan.tune, "generated_ids": generated, "chat_opening": opening}
     key = cache_key(model_sha256, plan)

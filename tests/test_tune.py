@@ -145,3 +145,13 @@ def test_tuning_keeps_zero_points_and_stores_fp16_scales_for_onnx(tiny: Path) ->
     assert body and all(torch.equal(tuned[n].zero_point, values[n].zero_point) for n in body)
     assert all(torch.equal(tuned[n].scale, tuned[n].scale.half().float()) for n in body)
     assert any(not torch.equal(tuned[n].scale, values[n].scale) for n in body)
+
+
+def test_chat_opening_only_where_the_template_shows_the_message(tiny: Path) -> None:
+    """Chat samples start from the template's opening; without a usable one, tuning takes free text only (and the
+    plan's ``chat_opening`` says None)."""
+    tokenizer = Tokenizer(tiny)
+    assert tokenizer.chat_opening() == "<|user|>"
+    assert Tokenizer(tiny, chat_template="{{ 'a fixed prompt' }}").chat_opening() is None
+    tokenizer.chat_template = None
+    assert tokenizer.chat_opening() is None

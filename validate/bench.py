@@ -351,14 +351,19 @@ def bench_adb(
     return result
 
 
+def _require_pte(artifact: Path) -> tuple[Path, dict[str, Any]]:
+    directory, manifest = bench_manifest(artifact)
+    if manifest.get("target") != "executorch":
+        raise MlexportError(f"--device qemu-arm64 runs .pte artifacts; {directory.name} is {manifest.get('target')}")
+    return directory, manifest
+
+
 def bench_qemu(artifact: Path, settings: BenchSettings, cpu: str, tokenizer: Path | None = None) -> BenchResult:
     """The host's and emulated arm64's logits for one prefill-and-decode schedule, compared."""
     from mlexport.validate.arm64 import run_emulated
     from mlexport.validate.runtimes import ExecuTorchRuntime
 
-    directory, manifest = bench_manifest(artifact)
-    if manifest.get("target") != "executorch":
-        raise MlexportError(f"--device qemu-arm64 runs .pte artifacts; {directory.name} is {manifest.get('target')}")
+    directory, manifest = _require_pte(artifact)
     _check_context(manifest, settings)
     pte, ptd = directory / "model.pte", next(iter(sorted(directory.glob("*.ptd"))), None)
     host = ExecuTorchRuntime(pte, ptd)
@@ -415,11 +420,7 @@ def run_bench(
         from mlexport.validate.arm64 import ready
 
         for artifact in artifacts:  # a wrong artifact is the user's first fix, whether or not the runner is built
-            directory, manifest = bench_manifest(artifact)
-            if manifest.get("target") != "executorch":
-                raise MlexportError(
-                    f"--device qemu-arm64 runs .pte artifacts; {directory.name} is {manifest.get('target')}"
-                )
+            _require_pte(artifact)
         if ready() is None:  # before any host work, not after the first artifact's reference run
             raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
     results = []
