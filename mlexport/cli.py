@@ -113,8 +113,9 @@ def export(
     tune_scales: bool | None = typer.Option(
         None,
         "--tune-scales/--no-tune-scales",
-        help="4-bit GPTQ: tune every group scale end to end against the fp32 logits (integers and size "
-        "unchanged; ~7 min on the demo on 2 cores, then cached) [default: on for executorch, off for onnx and coreml]",
+        help="4-bit GPTQ: tune every group scale and norm gain end to end against the fp32 logits (integers and "
+        "size unchanged; ~17 min on the demo on 2 cores, then cached) "
+        "[default: on for executorch, off for onnx and coreml]",
     ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""

@@ -51,6 +51,12 @@ class QuantizedWeight:
         return QuantizedWeight(self.qdata[n:], self.scale[n:], zero, self.bits, self.group_size)
 
 
+# What the quantizers hand the exporters, by parameter name: a QuantizedWeight per planned tensor, and a plain tensor
+# for a float parameter the scale tuning changed (an RMSNorm's gain: the artifacts store it in float anyway, so
+# tuning it costs no size). torchao_map.set_tuned_floats writes those into the model.
+QuantizedValues = dict[str, "QuantizedWeight | torch.Tensor"]
+
+
 def with_int8_rows(quantized: QuantizedWeight, weight: torch.Tensor, rows: int) -> QuantizedWeight:
     """``quantized`` with its first ``rows`` rows re-quantized from ``weight`` to symmetric int8 per row (RTN:
     at 8 bits rounding error is ~1/16 of 4-bit's and needs no data)."""

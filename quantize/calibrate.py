@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from mlexport.quantize import QuantPlan, TensorQuant
-from mlexport.quantize.algorithms import QuantizedWeight, gptq, rtn, search, with_int8_rows
+from mlexport.quantize.algorithms import QuantizedValues, QuantizedWeight, gptq, rtn, search, with_int8_rows
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -491,13 +491,15 @@ def prune_cache(folder: Path, keep: Path | None = None, limit: int | None = None
     return removed
 
 
-def load_cached(path: Path) -> dict[str, QuantizedWeight] | None:
+def load_cached(path: Path) -> QuantizedValues | None:
     if not path.is_file():
         return None
     try:
         raw = torch.load(path, weights_only=True)
-        results = {
-            name: QuantizedWeight(v["qdata"], v["scale"], v.get("zero_point"), int(v["bits"]), int(v["group_size"]))
+        results: QuantizedValues = {
+            name: v["float"]
+            if "float" in v
+            else QuantizedWeight(v["qdata"], v["scale"], v.get("zero_point"), int(v["bits"]), int(v["group_size"]))
             for name, v in raw.items()
         }
     except Exception:  # noqa: BLE001  (a torn or stale cache file is recomputed, never trusted)
@@ -507,7 +509,7 @@ def load_cached(path: Path) -> dict[str, QuantizedWeight] | None:
     return results
 
 
-def save_cached(path: Path, results: dict[str, QuantizedWeight]) -> None:
+def save_cached(path: Path, results: QuantizedValues) -> None:
     if cache_limit_bytes() == 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -519,6 +521,8 @@ def save_cached(path: Path, results: dict[str, QuantizedWeight]) -> None:
             "bits": qw.bits,
             "group_size": qw.group_size,
         }
+        if isinstance(qw, QuantizedWeight)
+        else {"float": qw}
         for name, qw in results.items()
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -541,13 +545,13 @@ def prepare(
     progress: Progress | None = None,
     source_grids: dict[str, QuantizedWeight] | None = None,
     tune_progress: Progress | None = None,
-) -> dict[str, QuantizedWeight]:
+) -> QuantizedValues:
     """The plan's quantized values, from the cache when this model, plan and text were quantized before.
 
     Records the calibration text in ``plan.calibration``. When the plan already names one (a manifest's plan,
-    re-run by validate), the text must still hash the same. A plan with ``tune`` gets its scales tuned end to end
-    after GPTQ (quantize/tune.py), on the calibration windows plus the recipe's own samples of the model, which
-    are recorded in ``plan.tune`` the same way.
+    re-run by validate), the text must still hash the same. A plan with ``tune`` gets its scales (and norm gains)
+    tuned end to end after GPTQ (quantize/tune.py), on the calibration windows plus the recipe's own samples of
+    the model, which are recorded in ``plan.tune`` the same way.
     """
     planned = [q for q in plan.tensors.values() if q.bits in (4, 8) and not q.shares]
     if not any(_ours(q) for q in planned):
@@ -596,15 +600,13 @@ def prepare(
     return _attach_int8_rows(model, plan, results)
 
 
-def _attach_int8_rows(
-    model: nn.Module, plan: QuantPlan, results: dict[str, QuantizedWeight]
-) -> dict[str, QuantizedWeight]:
+def _attach_int8_rows(model: nn.Module, plan: QuantPlan, results: QuantizedValues) -> QuantizedValues:
     """Give each tensor planned with ``int8_rows`` its int8 head rows (RTN from the float weights: cheap, so
     computed here rather than cached)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, q in plan.tensors.items():
-        if q.int8_rows and name in results:
-            results[name] = with_int8_rows(results[name], params[name].detach(), q.int8_rows)
+        if q.int8_rows and isinstance(planned := results.get(name), QuantizedWeight):
+            results[name] = with_int8_rows(planned, params[name].detach(), q.int8_rows)
     return results
 
 

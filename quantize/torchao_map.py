@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from mlexport.quantize import QuantPlan, TensorQuant
-from mlexport.quantize.algorithms import QuantizedWeight
+from mlexport.quantize.algorithms import QuantizedValues, QuantizedWeight
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -32,17 +32,19 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(data) is not torch.Tensor
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, quantized: dict[str, QuantizedWeight] | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: QuantPlan, quantized: QuantizedValues | None = None) -> nn.Module:
     """Quantize in place, then prove every planned tensor was quantized.
 
     Tensors in ``quantized`` (our own quantizers' values) become torchao tensors holding exactly those values; the
-    rest go through torchao's round-to-nearest, one ``quantize_`` call per distinct config.
+    rest go through torchao's round-to-nearest, one ``quantize_`` call per distinct config. Its float entries
+    (tuned norm gains) replace the model's own.
     """
     from torchao.quantization import quantize_
 
     if plan.dtype == "fp16":
         model.half()
     quantized = quantized or {}
+    set_tuned_floats(model, quantized)
     modules = dict(model.named_modules())
     by_config: dict[tuple, list[str]] = {}
     for name, q in plan.tensors.items():
@@ -74,6 +76,18 @@ def apply_plan(model: nn.Module, plan: QuantPlan, quantized: dict[str, Quantized
     if left:
         raise MlexportError(f"{len(left)} tensors stayed float although the plan quantizes them: {left[:4]}")
     return model
+
+
+def set_tuned_floats(model: nn.Module, quantized: QuantizedValues) -> None:
+    """Write the float parameters the scale tuning changed (``quantized``'s plain tensors) into ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in quantized.items():
+            if isinstance(value, QuantizedWeight):
+                continue
+            if name not in params or params[name].shape != value.shape:
+                raise MlexportError(f"tuned values name {name} {tuple(value.shape)}, which this model does not have")
+            params[name].copy_(value)
 
 
 def to_torchao(qw: QuantizedWeight, q: TensorQuant, dtype: torch.dtype) -> torch.Tensor:

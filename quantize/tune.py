@@ -8,6 +8,10 @@ logits of the full-precision model instead of labels). Only the scales move (3% 
 so the integers, the plan and the stored size stay exactly as GPTQ left them, and every target that reads
 ``QuantizedWeight`` takes the result unchanged.
 
+The RMSNorm gains move with them (``norm_lr``): each artifact stores them in float anyway, so they cost nothing,
+and a gain scales one input channel of the next Linears, which no group scale can do (a group scale spans 32
+input channels of one output row). They come back as plain tensors among the values (``QuantizedValues``).
+
 The runtime's arithmetic is emulated in the forward pass: int8 dynamic activations (per token, asymmetric, as
 XNNPACK's 8da4w runs them) for ``*_dynact`` schemes, and the scales rounded to the width the target stores
 (bf16 for XNNPACK's 4-bit groups), both with straight-through gradients.
@@ -31,24 +35,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from mlexport.quantize import QuantPlan, TensorQuant
-from mlexport.quantize.algorithms import QuantizedWeight, rtn
+from mlexport.quantize.algorithms import QuantizedValues, QuantizedWeight, rtn
 from torch import nn
+from torch.nn.utils import parametrize
+
+from mlexport.model import RMSNorm
 
 Progress = Callable[[int, int], None]  # (done, total) steps
 
 # The default recipe, recorded in the plan (``QuantPlan.tune``), so a cached or re-run result is the same one.
 # lr 2e-4 on each scale's relative change: 1e-3 diverged on the demo (the calibration loss rose in the second
-# epoch). Two epochs: most of the held-out gain comes in the first, five epochs gave 0.108 against 0.111 for
-# 2.5x the time.
+# epoch). norm_lr: the same relative step for the RMSNorm gains (0 = scales only, which is what a manifest without
+# it was tuned with); 1e-3 fitted the calibration text closer and held-out text less. Demo, eager, held-out GPL-3
+# KLD (llama.cpp protocol) from 2 epochs on 96 + 48 samples, scales only (0.1067): norm gains 0.1039; then 192
+# free-text samples 0.1027; scales only, 3 epochs 0.1032. Hence 3 epochs on 192 + 96 samples, gains included
+# (the conversations doubled with the free text, so their share stays at a third). Exported numbers and time:
+# pipeline.TUNE_DEFAULT_TARGETS.
 TUNE_DEFAULT: dict[str, Any] = {
     "method": "e2e-scales",
-    "epochs": 2,
+    "epochs": 3,
     "lr": 2e-4,
-    "extra_generated": {"sequences": 96, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 1},
+    "norm_lr": 2e-4,
+    "extra_generated": {"sequences": 192, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 1},
     # Conversations the model writes after its chat template's opening (calibrate.tuning_samples). Without them
     # the tuning saw no chat turns at all, and the demo's .pte answered the Paris prompt "La Famélice de France,
     # also known as the City of Love, is the capital of France." (untuned: "The capital of France is Paris").
-    "chat_generated": {"sequences": 48, "length": 128, "top_k": 50, "greedy_prefix": 0, "seed": 2},
+    "chat_generated": {"sequences": 96, "length": 128, "top_k": 50, "greedy_prefix": 0, "seed": 2},
 }
 # How each target stores a group's scale (what the tuned scale is rounded to, in training and at the end).
 SCALE_DTYPES = {
@@ -101,6 +113,30 @@ class _TunedLinear(nn.Module):
         return F.linear(fake_quant_int8_per_token(x) if self.dynamic_activations else x, weight)
 
 
+class _RelativeGain(nn.Module):
+    """A norm's gain as ``initial * (1 + change)``: a relative step, as for the scales, because the demo's gains
+    span 2e-4 to 3.3 (an absolute step of 1e-3 swamped the small ones and raised held-out KLD 0.107 -> 0.113)."""
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("initial", initial.detach().float().clone())
+
+    def forward(self, change: torch.Tensor) -> torch.Tensor:
+        return self.initial * (1 + change)
+
+
+def _trainable_gains(student: nn.Module) -> dict[str, RMSNorm]:
+    """Put every RMSNorm's gain of ``student`` in relative form, its change starting at zero (trainable)."""
+    norms = {name: m for name, m in student.named_modules() if isinstance(m, RMSNorm)}
+    for norm in norms.values():
+        parametrize.register_parametrization(norm, "weight", _RelativeGain(norm.weight), unsafe=True)
+        change = norm.parametrizations.weight.original
+        with torch.no_grad():
+            change.zero_()
+        change.requires_grad_(True)
+    return norms
+
+
 class _FixedLinear(nn.Module):
     """A planned tensor the tuning leaves as it is, run as the target runs it (weights dequantized)."""
 
@@ -135,8 +171,9 @@ def tune_scales(
     target: str,
     recipe: dict[str, Any],
     progress: Progress | None = None,
-) -> dict[str, QuantizedWeight]:
-    """``quantized`` with tuned scales (a new dict; ``model`` is the full-precision teacher and is not changed).
+) -> QuantizedValues:
+    """``quantized`` with tuned scales, plus the tuned norm gains when ``recipe["norm_lr"]`` (a new dict; ``model``
+    is the full-precision teacher and is not changed).
 
     The student runs the whole plan as the target does: the tensors this does not tune (``tunable``: the tied
     table, source grids, tensors torchao rounds itself) at their planned values, so the scales learn to
@@ -165,8 +202,12 @@ def tune_scales(
             setattr(module, attr, _FixedLinear(values.dequantize(), dynamic))
     if not tuned:
         return dict(quantized)
-    changes = [layer.change for layer in tuned.values()]
-    optimizer = torch.optim.Adam(changes, lr=recipe["lr"])
+    groups = [{"params": [layer.change for layer in tuned.values()], "lr": recipe["lr"]}]
+    norm_lr = recipe.get("norm_lr", 0)  # absent in manifests tuned before gains were: scales only, as then
+    norms = _trainable_gains(student) if norm_lr else {}
+    if norms:
+        groups.append({"params": [n.parametrizations.weight.original for n in norms.values()], "lr": norm_lr})
+    optimizer = torch.optim.Adam(groups)
     steps = recipe["epochs"] * len(windows)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     limit = student.max_context
@@ -187,8 +228,10 @@ def tune_scales(
             done += 1
             if progress:
                 progress(done, steps)
-    out = dict(quantized)
+    out: QuantizedValues = dict(quantized)
     with torch.no_grad():
         for name, layer in tuned.items():
             out[name] = dataclasses.replace(quantized[name], scale=layer.scale().detach().clone())
+        for name, norm in norms.items():
+            out[f"{name}.weight"] = norm.weight.detach().to(norm.parametrizations.weight.original.dtype).clone()
     return out

@@ -136,6 +136,29 @@ def test_int8_tie_rows_match_the_eager_reference(exported: dict, models: dict[st
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_tuned_norm_gains_reach_the_package(models: dict[str, Path], tmp_path: Path) -> None:
+    """--tune-scales on Core ML: the values reach the package at compression time, but the tuned norm gains must be
+    in the model before conversion. LS blocks run twice, so each gain is tuned and stored once for both runs."""
+    from mlexport.quantize.tune import TUNE_DEFAULT
+    from mlexport.validate.drift import quantized_reference
+
+    opts = ExportOptions(
+        model=str(models["ls"]), target="coreml", quant="4bit", out=tmp_path / "tuned", max_context=64, tune_scales=True
+    )
+    artifact = run_export(opts)[0]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["quant_plan"]["tune"]["norm_lr"] == TUNE_DEFAULT["norm_lr"] > 0
+    loaded = load_model(str(models["ls"]))
+    with torch.no_grad():
+        model = quantized_reference(loaded, manifest, max_context=64)
+        ref = model(torch.tensor([TOKENS]))[0].numpy()
+    plain = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    assert not torch.equal(model.norm.weight, plain.norm.weight)  # the reference runs tuned gains
+    got = _interpreted(artifact)
+    assert np.abs(got - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())  # fp16 compute against fp32
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
 def test_state_persists_and_resets(exported: dict) -> None:
     interpreter = MilInterpreter(exported[("llama", "fp16")] / PACKAGE_NAME)
     first = interpreter.predict({"input_ids": np.array([TOKENS[:4]], np.int32), "causal_mask": causal_mask(0, 4)})

@@ -84,6 +84,7 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
     assert all(plan["tensors"][k]["scheme"] == ("int8_dynact" if k in upgraded else "int4_dynact") for k in linears)
     assert all(plan["tensors"][k]["method"] == "gptq" for k in linears)
     assert plan["tune"]["method"] == "e2e-scales" and plan["tune"]["target"] == "executorch"
+    assert plan["tune"]["norm_lr"] > 0  # the norm gains are tuned with the scales
     assert plan["tune"]["chat_opening"].endswith("<|im_start|>user\n")  # tuned on chat turns too (SmolLM2's template)
     stored = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model."))
     assert stored <= 90e6, stored  # the sharing issue's bar (#3); #8 allows 92 MB (llama.cpp Q4_0's size)
@@ -128,7 +129,8 @@ def test_demo_onnx_4bit_answers_paris_within_peer_size(demo_onnx_4bit: Path) -> 
 def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
     """Issue #8's bar for the ExecuTorch `.pte` on the held-out text (GPL-3, llama.cpp protocol) is still open.
     Measured: KLD 0.1249 before scale tuning, 0.1125 with it (session 11), 0.1039 with chat turns in its text
-    (session 12), top-1 82.4%; llama.cpp's Q4_0 is 0.269.
+    (session 12), 0.1009 with the norm gains, 3 epochs and twice the samples (session 13), top-1 83.1%; llama.cpp's
+    Q4_0 is 0.269.
     This guards the measured level and records the gap rather than hiding it."""
     out = tmp_path / "held-out"
     result = _cli(
@@ -146,7 +148,7 @@ def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
     row = json.loads((out / "report.json").read_text())["artifacts"][0]["levels"]["total"]
     assert row["same_top1"] >= 0.8 and row["kld_mean"] <= 0.12, row
     if row["kld_mean"] > 0.10:
-        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1039 measured in session 12)")
+        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1009 measured in session 13)")
 
 
 def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:

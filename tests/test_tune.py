@@ -1,5 +1,6 @@
 """End-to-end scale tuning (quantize/tune.py) on a tiny random model: it must lower the logits' KL divergence from
-the full-precision model, change only the scales, store them at the target's width, and reach the artifact."""
+the full-precision model, change only the scales and the norm gains, store the scales at the target's width, and
+reach the artifact."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mlexport.quantize import plan_quantization
+from mlexport.quantize.algorithms import QuantizedWeight
 from mlexport.quantize.calibrate import calibration_windows, default_calibration_text, quantize_weights
 from mlexport.quantize.torchao_map import apply_plan
 from mlexport.quantize.tune import TUNE_DEFAULT, fake_quant_int8_per_token, tune_scales
 from tiny import llama_config, save_hf_dir
 
-from mlexport.model import build_decoder
+from mlexport.model import RMSNorm, build_decoder
 from mlexport.sources import load_model
 from mlexport.tokenizer import Tokenizer
 
@@ -57,7 +59,11 @@ def test_activation_fake_quant_is_torchaos_int8_per_token() -> None:
     assert torch.allclose(fake_quant_int8_per_token(x), want, atol=1e-6)
 
 
-def test_tuning_lowers_the_kl_and_changes_only_the_scales(tiny: Path) -> None:
+def _norm_gains(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.weight": m.weight.detach() for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+
+
+def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: Path) -> None:
     loaded = load_model(str(tiny))
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
     tokens = Tokenizer(loaded.tokenizer_dir).encode(default_calibration_text())
@@ -68,7 +74,12 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales(tiny: Path) -> None:
     recipe = {**TUNE_DEFAULT, "epochs": 3, "lr": 1e-3}
     tuned = tune_scales(model, plan, gptq_values, windows, "executorch", recipe)
 
-    assert set(tuned) == set(gptq_values)
+    gains = _norm_gains(model)
+    assert len(gains) == 2 * 3 + 1  # two per block and the final norm
+    assert set(tuned) == set(gptq_values) | set(gains)
+    for name, initial in gains.items():  # float parameters the artifacts store anyway: free to tune
+        assert tuned[name].dtype == initial.dtype and tuned[name].shape == initial.shape
+        assert not torch.equal(tuned[name], initial)
     for name, q in gptq_values.items():
         assert torch.equal(tuned[name].qdata, q.qdata)  # the integers stay GPTQ's
         assert tuned[name].zero_point is None
@@ -80,8 +91,13 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales(tiny: Path) -> None:
         return apply_plan(build_decoder(loaded.spec, loaded.state_dict, max_context=64), plan, values)
 
     before, after = quantized(gptq_values), quantized(tuned)
+    assert all(torch.equal(_norm_gains(after)[n], tuned[n]) for n in gains)  # apply_plan writes them in
     assert _kld(model, after, windows) < 0.9 * _kld(model, before, windows)
     assert _kld(model, after, held_out) < _kld(model, before, held_out)
+    # What a manifest tuned before the gains were reproduces. Whether the gains help is measured on the demo
+    # (README, Quantization, item 1: held-out 0.1067 -> 0.1039 eager); on this random model the two are within 1%.
+    scales_only = tune_scales(model, plan, gptq_values, windows, "executorch", {**recipe, "norm_lr": 0})
+    assert set(scales_only) == set(gptq_values)
 
 
 def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_values(
@@ -124,10 +140,14 @@ def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_value
     assert cache_key(sha, recorded) == cache_key(sha, plan)
     again = prepare(model, recorded, sha, loaded.tokenizer_dir)
     untuned = prepare(model, dataclasses.replace(recorded, tune=None), sha, loaded.tokenizer_dir)
-    for name, values in tuned.items():
-        assert torch.equal(values.scale, again[name].scale)
+    weights = {n: v for n, v in tuned.items() if isinstance(v, QuantizedWeight)}
+    for name, values in weights.items():
+        assert torch.equal(values.scale, again[name].scale)  # `again` came from the cache
         assert torch.equal(values.qdata, untuned[name].qdata)
-    assert any(not torch.equal(v.scale, untuned[n].scale) for n, v in tuned.items())
+    assert any(not torch.equal(v.scale, untuned[n].scale) for n, v in weights.items())
+    gains = {n: v for n, v in tuned.items() if n not in weights}
+    assert set(gains) == set(_norm_gains(model)) and set(untuned) == set(weights)
+    assert all(torch.equal(v, again[n]) for n, v in gains.items())
 
 
 def test_tuning_keeps_zero_points_and_stores_fp16_scales_for_onnx(tiny: Path) -> None:
