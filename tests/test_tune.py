@@ -175,3 +175,20 @@ def test_chat_opening_only_where_the_template_shows_the_message(tiny: Path) -> N
     assert Tokenizer(tiny, chat_template="{{ 'a fixed prompt' }}").chat_opening() is None
     tokenizer.chat_template = None
     assert tokenizer.chat_opening() is None
+
+
+def test_tuned_floats_that_do_not_fit_the_model_are_an_error(tiny: Path) -> None:
+    """A cached or hand-made value naming a parameter the model lacks (or with another shape) must not be dropped."""
+    from mlexport.quantize.torchao_map import set_tuned_floats
+
+    from mlexport.errors import MlexportError
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    gain = model.norm.weight.detach() * 2
+    set_tuned_floats(model, {"norm.weight": gain})
+    assert torch.equal(model.norm.weight, gain)
+    with pytest.raises(MlexportError, match="which this model does not have"):
+        set_tuned_floats(model, {"layers.99.input_layernorm.weight": gain})
+    with pytest.raises(MlexportError, match="which this model does not have"):
+        set_tuned_floats(model, {"norm.weight": gain[:-1]})
