@@ -88,6 +88,23 @@ def test_int4_onnx_matches_the_same_dequantized_weights(
     assert (fast.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
+def test_tuned_scales_and_norm_gains_reach_the_onnx_model(models: dict[str, Path], tmp_path: Path) -> None:
+    """--tune-scales on ONNX: the tuned group scales go into MatMulNBits and the tuned RMSNorm gains into the graph's
+    initializers. At accuracy_level 0 only summation order differs from the tuned eager reference. LS blocks run
+    twice, so each tuned value is stored once for both runs."""
+    from mlexport.quantize.tune import TUNE_DEFAULT
+
+    artifact = _export(models["ls"], tmp_path / "tuned", "4bit", accuracy_level=0, tune_scales=True)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["quant_plan"]["tune"]["norm_lr"] == TUNE_DEFAULT["norm_lr"] > 0
+    loaded = load_model(str(models["ls"]))
+    reference = quantized_reference(loaded, manifest, max_context=64)
+    plain = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    assert not torch.equal(reference.norm.weight, plain.norm.weight)  # the reference runs tuned gains
+    got, want = _artifact_logits(artifact), _eager(reference)
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+
 def test_8bit_and_fp16_track_eager(models: dict[str, Path], tmp_path: Path) -> None:
     loaded = load_model(str(models["llama"]))
     ref = _eager(build_decoder(loaded.spec, loaded.state_dict, max_context=64))
