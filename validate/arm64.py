@@ -1,7 +1,7 @@
 """Run a ``.pte`` on emulated arm64 (qemu-user) and compare its logits with the host's.
 
 Why: phones run XNNPACK's arm64 (NEON, dotprod, i8mm, SVE) kernels, which the x86 host never executes. A small
-C++ runner (``arm64/runner.cpp``) built against PyPI's aarch64 executorch wheel runs the same schedule of
+C++ runner (``arm64_runner.cpp``) built against PyPI's aarch64 executorch wheel runs the same schedule of
 ``forward`` calls as the host, under ``qemu-aarch64-static``; any difference beyond float rounding is an arm64
 numerics bug. Timings under emulation mean nothing and are reported only as "emulated".
 
@@ -193,7 +193,7 @@ def _build(build: Path, say: Callable[[str], None]) -> dict[str, str]:
         _stub_library(soname, symbols, lib)
     say("building the arm64 runner")
     et = build / "executorch"
-    source = Path(__file__).with_name("arm64") / "runner.cpp"
+    source = Path(__file__).with_name("arm64_runner.cpp")
     cmd = ["aarch64-linux-gnu-g++", "-std=c++17", "-O2", "-Wno-deprecated-declarations", str(source)]
     cmd += ["-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL"]
     cmd += [f"-I{et / 'include'}", f"-I{et / 'include/executorch/runtime/core/portable_type/c10'}"]
