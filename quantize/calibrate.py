@@ -42,6 +42,9 @@ CACHED_CODE = (
     "mlexport.quantize.tune",
     "mlexport.model",
 )
+# What GPTQ's values (and the sensitivity pass, and the sampled text) depend on: all but the tuning. Keyed by this,
+# a tuning change re-runs only the tuning, and a --no-tune-scales export reuses a tuned export's GPTQ stage.
+UNTUNED_CODE = tuple(m for m in CACHED_CODE if m != "mlexport.quantize.tune")
 DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
 # The default text's second part: the model's own samples (LLM-QAT's data-free calibration), 3,072 of the 8,192
 # tokens. On the demo it lowered held-out drift (GPL-3 text: KLD 0.20 -> 0.16, greedy agreement 77% -> 83%) for
@@ -168,7 +171,8 @@ def _cached_self_generated(
     from mlexport.sources import cache_dir
 
     params = json.dumps({**sampling, "prefix": prefix} if prefix else sampling, sort_keys=True)
-    key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}{code_digest()}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{model_sha256}{params}{torch.__version__}{code_digest(UNTUNED_CODE)}".encode())
+    key = key.hexdigest()[:32]
     path = cache_dir() / "calibration" / f"{key}.json" if model_sha256 else None
     return _json_cached(path, lambda: self_generated(model, **sampling, prefix=prefix))
 
@@ -426,10 +430,11 @@ def _run_block(work: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tens
 
 
 @functools.cache
-def code_digest() -> str:
-    """sha256 over the source of CACHED_CODE, read from the files (an installed or an edited checkout alike)."""
+def code_digest(modules: tuple[str, ...] = CACHED_CODE) -> str:
+    """sha256 over the source of ``modules``, read from the files (an installed or an edited checkout alike),
+    once per process: an edit made while an export runs cannot key its stages under two digests."""
     digest = hashlib.sha256()
-    for name in CACHED_CODE:
+    for name in modules:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             raise MlexportError(f"cannot find {name}'s source to key the quantization cache; reinstall mlexport")
@@ -438,6 +443,7 @@ def code_digest() -> str:
 
 
 def cache_key(model_sha256: str | None, plan: QuantPlan) -> str | None:
+    """The cache entry of ``plan``'s values: a tuned plan's depends on the tuning code too, an untuned one's not."""
     if not model_sha256:
         return None
     payload = json.dumps(
@@ -445,7 +451,7 @@ def cache_key(model_sha256: str | None, plan: QuantPlan) -> str | None:
             "model": model_sha256,
             "plan": plan.to_dict(),
             "version": ALGORITHM_VERSION,
-            "code": code_digest(),
+            "code": code_digest(CACHED_CODE if plan.tune else UNTUNED_CODE),
             "torch": torch.__version__,
         },
         sort_keys=True,
@@ -491,17 +497,29 @@ def prune_cache(folder: Path, keep: Path | None = None, limit: int | None = None
     return removed
 
 
+def _to_raw(qw: QuantizedWeight) -> dict[str, Any]:
+    """A QuantizedWeight as plain tensors and ints (``torch.load(weights_only=True)`` reads them back)."""
+    return {
+        "qdata": qw.qdata,
+        "scale": qw.scale,
+        **({"zero_point": qw.zero_point} if qw.zero_point is not None else {}),
+        "bits": qw.bits,
+        "group_size": qw.group_size,
+        **({"int8_rows": _to_raw(qw.int8_rows)} if qw.int8_rows is not None else {}),
+    }
+
+
+def _from_raw(v: dict[str, Any]) -> QuantizedWeight:
+    rows = _from_raw(v["int8_rows"]) if "int8_rows" in v else None
+    return QuantizedWeight(v["qdata"], v["scale"], v.get("zero_point"), int(v["bits"]), int(v["group_size"]), rows)
+
+
 def load_cached(path: Path) -> QuantizedValues | None:
     if not path.is_file():
         return None
     try:
         raw = torch.load(path, weights_only=True)
-        results: QuantizedValues = {
-            name: v["float"]
-            if "float" in v
-            else QuantizedWeight(v["qdata"], v["scale"], v.get("zero_point"), int(v["bits"]), int(v["group_size"]))
-            for name, v in raw.items()
-        }
+        results: QuantizedValues = {name: v["float"] if "float" in v else _from_raw(v) for name, v in raw.items()}
     except Exception:  # noqa: BLE001  (a torn or stale cache file is recomputed, never trusted)
         return None
     with contextlib.suppress(OSError):  # a read-only cache still serves hits
@@ -513,18 +531,7 @@ def save_cached(path: Path, results: QuantizedValues) -> None:
     if cache_limit_bytes() == 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = {
-        name: {
-            "qdata": qw.qdata,
-            "scale": qw.scale,
-            **({"zero_point": qw.zero_point} if qw.zero_point is not None else {}),
-            "bits": qw.bits,
-            "group_size": qw.group_size,
-        }
-        if isinstance(qw, QuantizedWeight)
-        else {"float": qw}
-        for name, qw in results.items()
-    }
+    raw = {name: _to_raw(qw) if isinstance(qw, QuantizedWeight) else {"float": qw} for name, qw in results.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
@@ -582,14 +589,23 @@ def prepare(
         if not plan.tune.get("generated_ids"):  # a manifest's plan brings its own
             generated, opening = tuning_samples(model, model_sha256, tokenizer_dir, plan.tune)
             plan.tune = {**plan.tune, "generated_ids": generated, "chat_opening": opening}
-    key = cache_key(model_sha256, plan)
     from mlexport.sources import cache_dir
 
     cache_limit_bytes()  # a malformed MLEXPORT_CACHE_MAX_GB fails here, before minutes of GPTQ
-    path = cache_dir() / "quantized" / f"{key}.pt" if key else None
+
+    def entry(of: QuantPlan) -> Path | None:
+        key = cache_key(model_sha256, of)
+        return cache_dir() / "quantized" / f"{key}.pt" if key else None
+
+    gptq_path, path = entry(dataclasses.replace(plan, tune=None)), entry(plan)
     results = load_cached(path) if path else None
     if results is None:
-        results = quantize_weights(model, plan, windows, progress, source_grids)
+        results = load_cached(gptq_path) if gptq_path and plan.tune else None  # GPTQ ran for this plan before
+        if results is None:
+            # the int8 head rows join before tuning: the tuning must see the table the target stores, and tunes them
+            results = _attach_int8_rows(model, plan, quantize_weights(model, plan, windows, progress, source_grids))
+            if gptq_path and plan.tune:
+                save_cached(gptq_path, results)
         if plan.tune:
             from mlexport.quantize.tune import tune_scales
 
@@ -601,11 +617,12 @@ def prepare(
 
 
 def _attach_int8_rows(model: nn.Module, plan: QuantPlan, results: QuantizedValues) -> QuantizedValues:
-    """Give each tensor planned with ``int8_rows`` its int8 head rows (RTN from the float weights: cheap, so
-    computed here rather than cached)."""
+    """Give each tensor planned with ``int8_rows`` its int8 head rows (RTN from the float weights), unless it has
+    them already (a cache entry written with them, tuned or not)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, q in plan.tensors.items():
-        if q.int8_rows and isinstance(planned := results.get(name), QuantizedWeight):
+        planned = results.get(name)
+        if q.int8_rows and isinstance(planned, QuantizedWeight) and planned.int8_rows is None:
             results[name] = with_int8_rows(planned, params[name].detach(), q.int8_rows)
     return results
 

@@ -70,10 +70,9 @@ SCALE_DTYPES = {
 }
 
 
-def tunable(q: TensorQuant, quantized: QuantizedWeight) -> bool:
-    """Which values the tuning may change: our own quantizer's groups. A source grid is exact by construction,
-    and a table with int8 head rows keeps two layouts."""
-    return q.method != "source" and quantized.int8_rows is None
+def tunable(q: TensorQuant) -> bool:
+    """Which values the tuning may change: our own quantizer's groups. A source grid is exact by construction."""
+    return q.method != "source"
 
 
 def _round_like(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,26 +90,77 @@ def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
     return x + ((q - zero) * scale - x).detach()
 
 
-class _TunedLinear(nn.Module):
-    """A Linear whose weight is ``scale * (q - zero)`` with fixed integers and a trainable relative scale change."""
+class _TunedWeight(nn.Module):
+    """``scale * (q - zero)`` with fixed integers and a trainable relative change of each group's scale."""
 
-    def __init__(self, quantized: QuantizedWeight, dynamic_activations: bool, scale_dtype: torch.dtype) -> None:
+    def __init__(self, quantized: QuantizedWeight, scale_dtype: torch.dtype) -> None:
         super().__init__()
         zero = 0 if quantized.zero_point is None else quantized.zero_point.float()
         self.register_buffer("centered", quantized.qdata.float() - _expand_groups(zero, quantized))
         self.register_buffer("initial", quantized.scale.float())
         self.change = nn.Parameter(torch.zeros_like(self.initial))
         self.group = quantized.group_size
-        self.dynamic_activations = dynamic_activations
         self.scale_dtype = scale_dtype
 
     def scale(self) -> torch.Tensor:
         return _round_like(self.initial * (1 + self.change), self.scale_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self) -> torch.Tensor:
         n, k = self.centered.shape
-        weight = (self.centered.view(n, -1, self.group) * self.scale()[..., None]).view(n, k)
-        return F.linear(fake_quant_int8_per_token(x) if self.dynamic_activations else x, weight)
+        return (self.centered.view(n, -1, self.group) * self.scale()[..., None]).view(n, k)
+
+
+class _TunedLinear(nn.Module):
+    """A Linear over a ``_TunedWeight``, with the target's activation rounding."""
+
+    def __init__(self, quantized: QuantizedWeight, dynamic_activations: bool, scale_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.values = _TunedWeight(quantized, scale_dtype)
+        self.dynamic_activations = dynamic_activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quant_int8_per_token(x) if self.dynamic_activations else x, self.values())
+
+
+class _TunedTable(nn.Module):
+    """A tied table, read by the embedding lookup and by the head: its group scales and, where its first rows are
+    stored at int8 (Core ML's frequent tokens), their row scales are tuned too. Both uses see every change, as
+    they read one stored table."""
+
+    def __init__(self, quantized: QuantizedWeight, scale_dtypes: dict[int, torch.dtype]) -> None:
+        super().__init__()
+        self.rows = quantized.int8_rows
+        self.body = _TunedWeight(quantized.tail(), scale_dtypes[quantized.bits])
+        self.head = None if self.rows is None else _TunedWeight(self.rows, scale_dtypes[self.rows.bits])
+
+    def forward(self) -> torch.Tensor:
+        return self.body() if self.head is None else torch.cat([self.head(), self.body()])
+
+    def tuned(self, quantized: QuantizedWeight) -> QuantizedWeight:
+        """``quantized`` with this table's tuned scales (a head row's unused 4-bit scales stay as they were)."""
+        n = quantized.scale.shape[0] - self.body.initial.shape[0]
+        scale = torch.cat([quantized.scale[:n], self.body.scale().detach()])
+        rows = None if self.head is None else dataclasses.replace(self.rows, scale=self.head.scale().detach().clone())
+        return dataclasses.replace(quantized, scale=scale, int8_rows=rows)
+
+
+class _TableLookup(nn.Module):
+    def __init__(self, table: _TunedTable) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.table())
+
+
+class _TableHead(nn.Module):
+    def __init__(self, table: _TunedTable, dynamic_activations: bool) -> None:
+        super().__init__()
+        self.table = table
+        self.dynamic_activations = dynamic_activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quant_int8_per_token(x) if self.dynamic_activations else x, self.table())
 
 
 class _RelativeGain(nn.Module):
@@ -159,6 +209,11 @@ def _planned_values(
     return rtn(weight, q.bits, q.group_size or weight.shape[1], symmetric=True)
 
 
+def _tied(plan: QuantPlan) -> bool:
+    """True when one stored table serves the embedding lookup and the head (a ``shares`` between them)."""
+    return any(q.shares in ("embed_tokens.weight", "lm_head.weight") for q in plan.tensors.values())
+
+
 def _expand_groups(zero: torch.Tensor | int, quantized: QuantizedWeight) -> torch.Tensor | int:
     return zero if isinstance(zero, int) else zero.repeat_interleave(quantized.group_size, dim=1)
 
@@ -175,16 +230,16 @@ def tune_scales(
     """``quantized`` with tuned scales, plus the tuned norm gains when ``recipe["norm_lr"]`` (a new dict; ``model``
     is the full-precision teacher and is not changed).
 
-    The student runs the whole plan as the target does: the tensors this does not tune (``tunable``: the tied
-    table, source grids, tensors torchao rounds itself) at their planned values, so the scales learn to
-    correct their error too.
+    The student runs the whole plan as the target does: the tensors this does not tune (``tunable``: source grids)
+    at their planned values, so the scales learn to correct their error too. A tied table is tuned as one table
+    for both of its uses (``_TunedTable``), its int8 head rows included.
     """
     student = copy.deepcopy(model).train(False)
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     modules = dict(student.named_modules())
     tuned: dict[str, _TunedLinear] = {}
-    shared = {q.shares for q in plan.tensors.values() if q.shares}  # a tied table serves two uses: left as it is
+    tables: dict[str, _TunedTable] = {}  # a tied table, by its owner's name: one set of scales for both uses
     for name, q in plan.tensors.items():
         if q.bits not in (4, 8):
             continue
@@ -193,16 +248,23 @@ def tune_scales(
         dynamic = q.scheme.endswith("_dynact")
         parent, _, attr = name.removesuffix(".weight").rpartition(".")
         module = modules[parent]  # "" is the decoder itself (embed_tokens, lm_head)
-        if isinstance(getattr(module, attr), nn.Embedding):
+        lookup = isinstance(getattr(module, attr), nn.Embedding)
+        if attr in ("embed_tokens", "lm_head") and _tied(plan) and tunable(plan.tensors[owner]):
+            if owner not in tables:
+                tables[owner] = _TunedTable(values, SCALE_DTYPES[target])
+            setattr(module, attr, _TableLookup(tables[owner]) if lookup else _TableHead(tables[owner], dynamic))
+        elif lookup:
             getattr(module, attr).weight = nn.Parameter(values.dequantize(), requires_grad=False)
-        elif owner == name and name not in shared and tunable(q, values):
+        elif owner == name and tunable(q):
             tuned[name] = _TunedLinear(values, dynamic, SCALE_DTYPES[target][values.bits])
             setattr(module, attr, tuned[name])
         else:
             setattr(module, attr, _FixedLinear(values.dequantize(), dynamic))
-    if not tuned:
+    if not tuned and not tables:
         return dict(quantized)
-    groups = [{"params": [layer.change for layer in tuned.values()], "lr": recipe["lr"]}]
+    scales = [layer.values.change for layer in tuned.values()]
+    scales += [p for table in tables.values() for p in table.parameters()]
+    groups = [{"params": scales, "lr": recipe["lr"]}]
     norm_lr = recipe.get("norm_lr", 0)  # absent in manifests tuned before gains were: scales only, as then
     norms = _trainable_gains(student) if norm_lr else {}
     if norms:
@@ -231,7 +293,10 @@ def tune_scales(
     out: QuantizedValues = dict(quantized)
     with torch.no_grad():
         for name, layer in tuned.items():
-            out[name] = dataclasses.replace(quantized[name], scale=layer.scale().detach().clone())
+            planned = _planned_values(model, name, plan.tensors[name], quantized)
+            out[name] = dataclasses.replace(planned, scale=layer.values.scale().detach().clone())
+        for name, table in tables.items():
+            out[name] = table.tuned(_planned_values(model, name, plan.tensors[name], quantized))
         for name, norm in norms.items():
             out[f"{name}.weight"] = norm.weight.detach().to(norm.parametrizations.weight.original.dtype).clone()
     return out

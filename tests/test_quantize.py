@@ -185,18 +185,20 @@ def test_the_cache_key_follows_the_quantizer_source(tiny: Path, monkeypatch: pyt
     plan = plan_quantization(model, "4bit", 32, "shared8", True, "gptq")
     before = calibrate.cache_key("sha", plan)
     assert before == calibrate.cache_key("sha", plan) and len(calibrate.code_digest()) == 16
-    monkeypatch.setattr(calibrate, "code_digest", lambda: "edited")
+    monkeypatch.setattr(calibrate, "code_digest", lambda *_: "edited")
     assert calibrate.cache_key("sha", plan) != before
     monkeypatch.undo()
+    # GPTQ's values do not depend on the tuning code, a tuned plan's do
+    tuned = dataclasses.replace(plan, tune={"method": "e2e-scales"})
+    untuned_digest = calibrate.code_digest(calibrate.UNTUNED_CODE)
+    tuning_edited = {calibrate.CACHED_CODE: "edited", calibrate.UNTUNED_CODE: untuned_digest}
+    keys = before, calibrate.cache_key("sha", tuned)
+    monkeypatch.setattr(calibrate, "code_digest", tuning_edited.__getitem__)
+    assert calibrate.cache_key("sha", plan) == keys[0] and calibrate.cache_key("sha", tuned) != keys[1]
+    monkeypatch.undo()
     # a module whose source cannot be found: a one-line error, never a key that ignores the code
-    monkeypatch.setattr(calibrate, "CACHED_CODE", ("mlexport.no_such_module",))
-    calibrate.code_digest.cache_clear()
-    try:
-        with pytest.raises(MlexportError, match="mlexport.no_such_module's source"):
-            calibrate.code_digest()
-    finally:
-        monkeypatch.undo()
-        calibrate.code_digest.cache_clear()
+    with pytest.raises(MlexportError, match="mlexport.no_such_module's source"):
+        calibrate.code_digest(("mlexport.no_such_module",))
 
 
 def test_the_quantized_cache_stays_under_its_limit_evicting_the_least_recently_used(

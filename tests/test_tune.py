@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mlexport.quantize import plan_quantization
-from mlexport.quantize.algorithms import QuantizedWeight
+from mlexport.quantize.algorithms import QuantizedWeight, rtn, with_int8_rows
 from mlexport.quantize.calibrate import calibration_windows, default_calibration_text, quantize_weights
 from mlexport.quantize.torchao_map import apply_plan
 from mlexport.quantize.tune import TUNE_DEFAULT, fake_quant_int8_per_token, tune_scales
@@ -76,7 +76,11 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: P
 
     gains = _norm_gains(model)
     assert len(gains) == 2 * 3 + 1  # two per block and the final norm
-    assert set(tuned) == set(gptq_values) | set(gains)
+    table = "embed_tokens.weight"  # the int8 tied table (shared8), RTN, now with tuned row scales
+    assert set(tuned) == set(gptq_values) | set(gains) | {table}
+    weight = model.embed_tokens.weight.detach()
+    assert torch.equal(tuned[table].qdata, rtn(weight, 8, weight.shape[1], symmetric=True).qdata)
+    assert tuned[table].scale.shape == (weight.shape[0], 1) and tuned[table].scale.dtype == torch.float32
     for name, initial in gains.items():  # float parameters the artifacts store anyway: free to tune
         assert tuned[name].dtype == initial.dtype and tuned[name].shape == initial.shape
         assert not torch.equal(tuned[name], initial)
@@ -97,7 +101,7 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: P
     # What a manifest tuned before the gains were reproduces. Whether the gains help is measured on the demo
     # (README, Quantization, item 1: held-out 0.1067 -> 0.1039 eager); on this random model the two are within 1%.
     scales_only = tune_scales(model, plan, gptq_values, windows, "executorch", {**recipe, "norm_lr": 0})
-    assert set(scales_only) == set(gptq_values)
+    assert set(scales_only) == set(gptq_values) | {table}
 
 
 def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_values(
@@ -130,6 +134,8 @@ def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_value
         validate_options(ExportOptions(target="executorch", quant="8bit", tune_scales=True))
 
     tuned = prepare(model, plan, sha, loaded.tokenizer_dir)
+    # two cache entries: GPTQ's values (what an untuned plan, or another tuning recipe, starts from) and the tuned
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.pt"))) == 2
     # free text, then conversations after the chat template's opening (the tiny tokenizer has a template)
     free, chat = TUNE_DEFAULT["extra_generated"]["sequences"], TUNE_DEFAULT["chat_generated"]["sequences"]
     assert len(plan.tune["generated_ids"]) == free + chat
@@ -143,10 +149,11 @@ def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_value
     weights = {n: v for n, v in tuned.items() if isinstance(v, QuantizedWeight)}
     for name, values in weights.items():
         assert torch.equal(values.scale, again[name].scale)  # `again` came from the cache
-        assert torch.equal(values.qdata, untuned[name].qdata)
-    assert any(not torch.equal(v.scale, untuned[n].scale) for n, v in weights.items())
+        if name in untuned:  # GPTQ's; the int8 tied table is torchao's RTN until tuned
+            assert torch.equal(values.qdata, untuned[name].qdata)
+    assert any(not torch.equal(v.scale, untuned[n].scale) for n, v in weights.items() if n in untuned)
     gains = {n: v for n, v in tuned.items() if n not in weights}
-    assert set(gains) == set(_norm_gains(model)) and set(untuned) == set(weights)
+    assert set(gains) == set(_norm_gains(model)) and set(untuned) | {"embed_tokens.weight"} == set(weights)
     assert all(torch.equal(v, again[n]) for n, v in gains.items())
 
 
@@ -159,12 +166,38 @@ def test_tuning_keeps_zero_points_and_stores_fp16_scales_for_onnx(tiny: Path) ->
     plan = plan_quantization(model, "4bit", 32, "shared4", False, "gptq", asymmetric=True)
     values = quantize_weights(model, plan, windows)
     tuned = tune_scales(model, plan, values, windows, "onnx", {**TUNE_DEFAULT, "epochs": 1, "lr": 1e-3})
-    head = "lm_head.weight"  # the tied table serves the lookup too: left as GPTQ made it
-    assert torch.equal(tuned[head].scale, values[head].scale)
-    body = [n for n in values if n != head]
-    assert body and all(torch.equal(tuned[n].zero_point, values[n].zero_point) for n in body)
-    assert all(torch.equal(tuned[n].scale, tuned[n].scale.half().float()) for n in body)
-    assert any(not torch.equal(tuned[n].scale, values[n].scale) for n in body)
+    assert set(tuned) - set(values) == set(_norm_gains(model))  # the tied table (the head's) is among the values
+    assert all(torch.equal(tuned[n].zero_point, values[n].zero_point) for n in values)
+    assert all(torch.equal(tuned[n].qdata, values[n].qdata) for n in values)
+    assert all(torch.equal(tuned[n].scale, tuned[n].scale.half().float()) for n in values)
+    assert not torch.equal(tuned["lm_head.weight"].scale, values["lm_head.weight"].scale)
+    assert any(not torch.equal(tuned[n].scale, values[n].scale) for n in values if n != "lm_head.weight")
+
+
+def test_a_tied_table_with_int8_head_rows_is_tuned_as_one_table(tiny: Path, tmp_path: Path) -> None:
+    """Core ML's tie: one 4-bit table with its first rows at int8, read by the lookup and the head. Both parts'
+    scales are tuned (the integers stay), and the values survive the quantization cache."""
+    from mlexport.quantize.calibrate import load_cached, save_cached
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    tokens = Tokenizer(loaded.tokenizer_dir).encode(default_calibration_text())
+    windows = [w[:64] for w in calibration_windows(tokens, 512)]
+    plan = plan_quantization(model, "4bit", 32, "shared4", True, "gptq", asymmetric=True)
+    head = "lm_head.weight"
+    values = quantize_weights(model, plan, windows)
+    values[head] = with_int8_rows(values[head], model.lm_head.weight.detach(), 16)
+    tuned = tune_scales(model, plan, values, windows, "coreml", {**TUNE_DEFAULT, "epochs": 1, "lr": 1e-3})
+    before, after = values[head], tuned[head]
+    assert torch.equal(after.qdata, before.qdata) and torch.equal(after.int8_rows.qdata, before.int8_rows.qdata)
+    assert not torch.equal(after.int8_rows.scale, before.int8_rows.scale)  # the frequent tokens' rows
+    assert not torch.equal(after.scale[16:], before.scale[16:])  # the 4-bit rest
+    assert torch.equal(after.scale[:16], before.scale[:16])  # the head rows' 4-bit scales are not stored
+    assert torch.equal(after.int8_rows.scale, after.int8_rows.scale.half().float())  # Core ML stores fp16
+    save_cached(tmp_path / "values.pt", tuned)
+    cached = load_cached(tmp_path / "values.pt")
+    assert torch.equal(cached[head].int8_rows.scale, after.int8_rows.scale)
+    assert torch.equal(cached[head].dequantize(), after.dequantize())
 
 
 def test_chat_opening_only_where_the_template_shows_the_message(tiny: Path) -> None:
