@@ -192,3 +192,22 @@ def test_reference_mismatch_is_refused(artifacts: tuple[Path, Path, Path], tmp_p
 def test_torch_seed_unaffected() -> None:
     torch.manual_seed(0)
     assert torch.rand(1).item() == pytest.approx(0.4962566)
+
+
+def test_an_artifact_quantized_by_other_code_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate recomputes the quantized reference with its own quantizer: when the artifact's values came from
+    other code, its export level also measures that difference, and the report must say so."""
+    from mlexport.quantize.calibrate import code_digest
+    from mlexport.validate import report
+    from mlexport.validate.pipeline import _other_quantizer_code
+
+    ours = {"quant": "4bit", "quantizer_code": code_digest()}
+    assert _other_quantizer_code(ours, tmp_path) == []
+    assert _other_quantizer_code({"quant": "fp32", "quantizer_code": "older"}, tmp_path) == []
+    assert _other_quantizer_code({"quant": "4bit"}, tmp_path) == []  # a manifest from before the record
+    notes = _other_quantizer_code({"quant": "4bit", "quantizer_code": "older"}, tmp_path / "demo-onnx-4bit")
+    assert len(notes) == 1 and "demo-onnx-4bit was quantized by other mlexport code (older" in notes[0]
+    corpus = {"name": "c", "sha256": "0" * 64, "window": 8, "scored_tokens": 8}
+    monkeypatch.setattr(report, "_row", lambda _entry: [])  # the table row is tested above
+    md = report.render_markdown({"reference": {"source": "demo"}, "corpus": corpus, "artifacts": [{"notes": notes}]})
+    assert "**Note:** demo-onnx-4bit was quantized by other mlexport code" in md

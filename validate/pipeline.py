@@ -59,6 +59,9 @@ def run_validation(
     failures: list[str] = []
     for runtime, directory, manifest in opened:
         plan_key = json.dumps(manifest["quant_plan"], sort_keys=True)
+        notes = _other_quantizer_code(manifest, directory)
+        for note in notes:
+            say(f"warning: {note}")
         if plan_key not in quant_refs:
             say(f"quantized PyTorch reference ({manifest['quant']})")
             model = drift.quantized_reference(loaded, manifest, window)
@@ -80,6 +83,7 @@ def run_validation(
             "runtime_seconds": round(seconds, 2),
             "levels": {"total": total, "export": export_level, "quant": quant_level},
             "source_grid_reused": report.reused_grids(manifest["quant_plan"]),
+            "notes": notes,
             "histogram": report.histogram(tok["kld"]),
             "per_position": report.per_position(tok["kld"], positions),
         }
@@ -114,3 +118,19 @@ def _read_baseline(path: Path | None) -> dict[str, Any] | None:
             f"--baseline {path} has schema {data.get('schema_version')}, expected {report.SCHEMA_VERSION}"
         )
     return data
+
+
+def _other_quantizer_code(manifest: dict[str, Any], directory: Path) -> list[str]:
+    """Say so when the artifact's values came from other quantizer code than this mlexport's: the quantized
+    PyTorch reference is then recomputed with this version's (GPTQ and any tuning run again), and the "export"
+    level measures the difference between the two quantizers along with the exporter."""
+    from mlexport.quantize.calibrate import code_digest
+
+    recorded = manifest.get("quantizer_code")
+    if manifest["quant"] not in ("4bit", "8bit") or not recorded or recorded == code_digest():
+        return []
+    return [
+        f"{directory.name} was quantized by other mlexport code ({recorded}, this one {code_digest()}): its "
+        "quantized reference is recomputed with this version, and its export level also measures what changed; "
+        "re-export it with this version for an exporter-only export level"
+    ]

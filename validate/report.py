@@ -172,6 +172,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"own {'/'.join(r['types'])} grid unchanged** (lossless; the reference is that grid dequantized). "
                 "Their share of the drift above is zero by construction, not a property of mlexport's quantizers.",
             ]
+    notes = [n for e in report["artifacts"] for n in e.get("notes", [])]
+    if notes:
+        lines += ["", *[f"**Note:** {n}." for n in notes]]
     failures = [g["reason"] for e in report["artifacts"] for g in e.get("gates", []) if not g["passed"]]
     if failures:
         lines += ["", "**Gate failures:**", *[f"- {f}" for f in failures]]
