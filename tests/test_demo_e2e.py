@@ -148,7 +148,7 @@ def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
     row = json.loads((out / "report.json").read_text())["artifacts"][0]["levels"]["total"]
     assert row["same_top1"] >= 0.8 and row["kld_mean"] <= 0.12, row
     if row["kld_mean"] > 0.10:
-        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1009 measured in session 13)")
+        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1009 in session 13, 0.1032 in 15)")
 
 
 def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:
@@ -211,8 +211,9 @@ def _coreml_agreement(artifact: Path) -> float:
 def test_demo_coreml_4bit_tracks_fp32_over_a_64_token_continuation(demo_coreml_4bit: Path) -> None:
     """Issue #5 asks for >= 90%. Measured: the fp16 package agrees 100% (the graph, state and interpreter are
     right); the 4-bit default within weight.bin <= 80 MB agrees 84% (session 9: GPTQ, exact Q4_1 body blocks where
-    the budget allows, the tie's first 1,000 rows at int8). In eager PyTorch the bar needs ~85 MB of weights (an
-    exact body plus a better tie; README, "Core ML agreement"). Until then this guards against regressions well
+    the budget allows, the tie's first 1,000 rows at int8); opt-in --tune-scales 86% (session 15). In eager
+    PyTorch the bar needs ~85 MB of weights (an exact body plus a better tie; README, "Core ML agreement"). Until
+    then this guards against regressions well
     above what a broken graph or state would give (< 20%)."""
     agreement = _coreml_agreement(demo_coreml_4bit)
     assert agreement >= 0.6, agreement
