@@ -37,6 +37,14 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def quantizer_code(plan: dict[str, Any]) -> str:
+    """The digest of the code a plan's quantized values depend on, as its cache key counts it (an untuned plan's
+    values do not depend on the tuning code): what a manifest records and validate compares."""
+    from mlexport.quantize.calibrate import CACHED_CODE, UNTUNED_CODE, code_digest
+
+    return code_digest(CACHED_CODE if plan.get("tune") else UNTUNED_CODE)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

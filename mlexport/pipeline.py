@@ -21,6 +21,7 @@ from mlexport.artifacts import (
     atomic_output_dir,
     describe_files,
     ensure_writable,
+    quantizer_code,
     tool_versions,
     write_json_atomic,
 )
@@ -192,7 +193,6 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     max_context = min(opts.max_context, spec.max_context)
     started = time.time()
     with atomic_output_dir(out, opts.force) as tmp:
-        from mlexport.quantize.calibrate import code_digest
         from mlexport.quantize.torchao_map import apply_plan, set_tuned_floats
 
         tie_choice = choose_tie(loaded, opts, target, say, log)
@@ -256,8 +256,8 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             "model": {"source": opts.model, **loaded.source, "spec": spec.to_dict()},
             "max_context": max_context,
             "quant_plan": plan.to_dict(),
-            # which quantizer code made the values: validate recomputes them with its own (quantize/calibrate.py)
-            "quantizer_code": code_digest(),
+            # which quantizer code made the values: validate recomputes them with its own
+            "quantizer_code": quantizer_code(plan.to_dict()),
             "sharing": {**sharing.to_dict(), "tie": {**_tie_report(spec, plan, model), "auto": tie_choice}},
             "accounting": accounting,
             "storage": storage,

@@ -197,15 +197,20 @@ def test_torch_seed_unaffected() -> None:
 def test_an_artifact_quantized_by_other_code_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """validate recomputes the quantized reference with its own quantizer: when the artifact's values came from
     other code, its export level also measures that difference, and the report must say so."""
-    from mlexport.quantize.calibrate import code_digest
+    from mlexport.quantize.calibrate import CACHED_CODE, UNTUNED_CODE, code_digest
     from mlexport.validate import report
     from mlexport.validate.pipeline import _other_quantizer_code
 
-    ours = {"quant": "4bit", "quantizer_code": code_digest()}
+    untuned, tuned = {"tensors": {}}, {"tensors": {}, "tune": {"method": "e2e-scales"}}
+    ours = {"quant": "4bit", "quant_plan": untuned, "quantizer_code": code_digest(UNTUNED_CODE)}
     assert _other_quantizer_code(ours, tmp_path) == []
-    assert _other_quantizer_code({"quant": "fp32", "quantizer_code": "older"}, tmp_path) == []
-    assert _other_quantizer_code({"quant": "4bit"}, tmp_path) == []  # a manifest from before the record
-    notes = _other_quantizer_code({"quant": "4bit", "quantizer_code": "older"}, tmp_path / "demo-onnx-4bit")
+    # an untuned plan's values do not depend on the tuning code, a tuned plan's do (as the cache keys count them)
+    tuned_ours = {"quant": "4bit", "quant_plan": tuned, "quantizer_code": code_digest(CACHED_CODE)}
+    assert _other_quantizer_code(tuned_ours, tmp_path) == []
+    assert _other_quantizer_code({**tuned_ours, "quantizer_code": code_digest(UNTUNED_CODE)}, tmp_path)
+    assert _other_quantizer_code({**ours, "quant": "fp32", "quantizer_code": "older"}, tmp_path) == []
+    assert _other_quantizer_code({"quant": "4bit", "quant_plan": untuned}, tmp_path) == []  # before the record
+    notes = _other_quantizer_code({**ours, "quantizer_code": "older"}, tmp_path / "demo-onnx-4bit")
     assert len(notes) == 1 and "demo-onnx-4bit was quantized by other mlexport code (older" in notes[0]
     corpus = {"name": "c", "sha256": "0" * 64, "window": 8, "scored_tokens": 8}
     monkeypatch.setattr(report, "_row", lambda _entry: [])  # the table row is tested above

@@ -13,7 +13,7 @@ from mlexport.validate import drift, report
 from mlexport.validate.corpus import load_corpus
 from mlexport.validate.runtimes import open_runtime
 
-from mlexport.artifacts import tool_versions
+from mlexport.artifacts import quantizer_code, tool_versions
 from mlexport.errors import MlexportError
 from mlexport.sources import load_model
 from mlexport.tokenizer import Tokenizer
@@ -124,13 +124,11 @@ def _other_quantizer_code(manifest: dict[str, Any], directory: Path) -> list[str
     """Say so when the artifact's values came from other quantizer code than this mlexport's: the quantized
     PyTorch reference is then recomputed with this version's (GPTQ and any tuning run again), and the "export"
     level measures the difference between the two quantizers along with the exporter."""
-    from mlexport.quantize.calibrate import code_digest
-
-    recorded = manifest.get("quantizer_code")
-    if manifest["quant"] not in ("4bit", "8bit") or not recorded or recorded == code_digest():
+    recorded, ours = manifest.get("quantizer_code"), quantizer_code(manifest["quant_plan"])
+    if manifest["quant"] not in ("4bit", "8bit") or not recorded or recorded == ours:
         return []
     return [
-        f"{directory.name} was quantized by other mlexport code ({recorded}, this one {code_digest()}): its "
+        f"{directory.name} was quantized by other mlexport code ({recorded}, this one {ours}): its "
         "quantized reference is recomputed with this version, and its export level also measures what changed; "
         "re-export it with this version for an exporter-only export level"
     ]
