@@ -54,6 +54,8 @@ class StatefulDecoder(nn.Module):
 
     def __init__(self, model: Decoder, int8_rows: int = 0) -> None:
         super().__init__()
+        if model.tie_rotation is not None:  # only ExecuTorch's plans rotate the table (quantize/rotation.py)
+            raise MlexportError("this model's tied table is stored rotated, which the Core ML graph does not undo")
         self.model = model
         # A tie whose first rows are int8 (TensorQuant.int8_rows) is stored as two tables, each one const that
         # both the lookup and the head read: still stored once, in two compressions.

@@ -173,6 +173,41 @@ class Block(nn.Module):
         self.mlp = MLP(spec.dim, spec.ffn_dim[block])
 
 
+class HadamardRotation(nn.Module):
+    """``x -> x R`` for an orthogonal ``R = diag(signs) (A kron B)``, A and B Hadamard matrices of orders a * b = dim.
+
+    Why: XNNPACK quantizes the tied head's input to int8 per token, and a few outlier channels of the final hidden
+    state set each token's range (demo: max 57 against a median channel max of 3.9). Rotated, every channel is
+    spread over all of them (QuaRot). The tied table is stored rotated (``E R``), so the logits are unchanged,
+    and the lookup rotates its rows back (``undo``). Both run as two small matmuls on an [a, b] view of each
+    vector, so the model stores 4 small matrices instead of a dim x dim one.
+    """
+
+    def __init__(self, signs: torch.Tensor, outer: torch.Tensor, inner: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("signs", signs.float())
+        # Each matmul's weight as F.linear takes it (static constants, so XNNPACK delegates them).
+        self.register_buffer("outer", outer.float().contiguous())
+        self.register_buffer("outer_t", outer.float().T.contiguous())
+        self.register_buffer("inner", inner.float().contiguous())
+        self.register_buffer("inner_t", inner.float().T.contiguous())
+
+    def _mix(self, x: torch.Tensor, right: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """Each vector x viewed as X [a, b], times two matrices in F.linear's layout: ``(X right^T)^T left^T``,
+        transposed back. Shapes stay static but for one -1, which XNNPACK's reshape needs."""
+        shape = x.shape
+        x = F.linear(x.reshape(-1, left.shape[0], right.shape[0]), right)
+        x = F.linear(x.transpose(-1, -2), left).transpose(-1, -2)
+        return x.reshape(*shape[:-2], -1, shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mix(x * self.signs, self.inner_t, self.outer_t)
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R^T``, the inverse of ``forward``."""
+        return self._mix(x, self.inner, self.outer) * self.signs
+
+
 class Decoder(nn.Module):
     """forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]; input_pos=None runs without the cache.
 
@@ -206,6 +241,8 @@ class Decoder(nn.Module):
         )
         # A plain attribute, not a buffer: ``.to(fp16)`` must not round the frequencies (angles reach ctx * f).
         self.rope_inv_freq = rope_inv_freq(spec)
+        # Set by quantize.rotation when the plan stores the tied table rotated (ExecuTorch's int8 head).
+        self.tie_rotation: HadamardRotation | None = None
         self.register_buffer("rope_rot_t", rotate_half_matrix(spec.head_dim).T.contiguous(), persistent=False)
 
     def reset_cache(self) -> None:
@@ -234,13 +271,23 @@ class Decoder(nn.Module):
             torch._check(start >= 0)
             torch._check(start + t <= self.max_context)
             cos, sin = self.rope(start, t)
-        h = self.embed_tokens(tokens)
+        h = self.embed(tokens)
         for layer_idx, block_idx in enumerate(self.layer_map):
             block = self.layers[block_idx]
             cache = self.caches[layer_idx] if start is not None else None
             h = h + block.self_attn(block.input_layernorm(h), cos, sin, self.rope_rot_t, cache, start, self.backend)
             h = h + block.mlp(block.post_attention_layernorm(h))
-        return self.lm_head(self.norm(h)).float()
+        return self.lm_head(self.head_input(h)).float()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream's first value: the lookup, rotated back when the table is stored rotated."""
+        h = self.embed_tokens(tokens)
+        return h if self.tie_rotation is None else self.tie_rotation.undo(h)
+
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the final norm's output, rotated like the table when it is stored rotated."""
+        h = self.norm(h)
+        return h if self.tie_rotation is None else self.tie_rotation(h)
 
 
 def build_decoder(

@@ -28,6 +28,7 @@ from mlexport.artifacts import (
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
 from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, TARGET_TIE_MODES, plan_quantization
+from mlexport.quantize.rotation import plan_tie_rotation
 from mlexport.sharing import SharingPlan, account, build_sharing_plan, map_blobs, predicted_bytes, tensor_bytes
 from mlexport.sources import LoadedModel, load_model
 
@@ -280,6 +281,8 @@ def plan_for_target(
     method = choose_quantizer(opts, loaded)
     asymmetric = ASYMMETRIC_DEFAULT[target] if opts.asymmetric is None else opts.asymmetric
     plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, asymmetric)
+    if target == "executorch":  # its tied head quantizes its input to int8: rotate the table (and the model)
+        plan = plan_tie_rotation(model, plan)
     vocab = int(model.lm_head.weight.shape[0]) if hasattr(model, "lm_head") else 0
     rows = 0 if opts.palettize else opts.tie_int8_rows  # a palette replaces the plan's linear quantization
     plan = tie_grid(plan, target, opts.group_size, vocab, rows)
@@ -508,7 +511,8 @@ def _tie_report(spec: Any, plan: Any, model: Any) -> dict[str, Any]:
     if plan.tie_mode == "dup4":
         q = plan.tensors["embed_tokens.weight"]
         duplicated = tensor_bytes(spec.vocab_size * spec.dim, spec.vocab_size, q.scheme, q.group_size)
-    return {"tied": True, "mode": plan.tie_mode, "duplicated_bytes": duplicated}
+    # rotation: the table is stored as E R and the head's input rotated alike (quantize/rotation.py)
+    return {"tied": True, "mode": plan.tie_mode, "duplicated_bytes": duplicated, "rotation": plan.tie_rotation}
 
 
 def copy_tokenizer(loaded: LoadedModel, out: Path) -> None:

@@ -58,6 +58,7 @@ class QuantPlan:
     calibration: dict[str, Any] | None = None  # the text GPTQ saw (name, sha256, tokens)
     mixed: dict[str, Any] | None = None  # sensitivity-driven 8-bit upgrades: budget and the tensors chosen
     tune: dict[str, Any] | None = None  # end-to-end scale tuning after GPTQ (quantize/tune.py): recipe and text
+    tie_rotation: dict[str, Any] | None = None  # the tied table stored rotated (quantize/rotation.py)
 
     def without_int8_rows(self) -> QuantPlan:
         """This plan with every tensor at its own width throughout: the all-4-bit baseline the size budget is
@@ -73,6 +74,7 @@ class QuantPlan:
             "calibration": self.calibration,
             "mixed": self.mixed,
             "tune": self.tune,
+            **({"tie_rotation": self.tie_rotation} if self.tie_rotation else {}),
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
 
@@ -88,6 +90,7 @@ class QuantPlan:
             calibration=raw.get("calibration"),
             mixed=raw.get("mixed"),
             tune=raw.get("tune"),
+            tie_rotation=raw.get("tie_rotation"),
         )
 
     def summary(self) -> dict[str, int]:

@@ -40,6 +40,7 @@ CACHED_CODE = (
     "mlexport.quantize.calibrate",
     "mlexport.quantize.sensitivity",
     "mlexport.quantize.tune",
+    "mlexport.quantize.rotation",
     "mlexport.model",
 )
 # What GPTQ's values (and the sensitivity pass, and the sampled text) depend on: all but the tuning. Keyed by this,
@@ -296,7 +297,7 @@ def _sequential(
     gives the full-precision inputs each Linear should have seen."""
     limit = work.max_context  # the RoPE tables end there: cut longer windows into pieces
     pieces = [w[i : i + limit] for w in windows for i in range(0, len(w), limit)]
-    hidden = [work.embed_tokens(torch.tensor([w])) for w in pieces]
+    hidden = [work.embed(torch.tensor([w])) for w in pieces]
     hidden_fp = [h.clone() for h in hidden]
     layer_map = list(work.layer_map)
     n_blocks = len(set(layer_map))
@@ -331,8 +332,8 @@ def _sequential(
     # (shared4), so GPTQ on the head helps the logits most, which is where a 4-bit tie costs the most drift.
     head = wanted.get("lm_head.weight")
     if head is not None and head.method == "gptq":
-        x = torch.cat([work.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).float()
-        x_fp = torch.cat([work.norm(h).reshape(-1, h.shape[-1]) for h in hidden_fp]).float()
+        x = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden]).float()
+        x_fp = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden_fp]).float()
         results["lm_head.weight"] = quantize_one(work.lm_head.weight.detach(), head, x.T @ x, (x_fp - x).T @ x)
 
 
@@ -560,6 +561,9 @@ def prepare(
     tuned end to end after GPTQ (quantize/tune.py), on the calibration windows plus the recipe's own samples of
     the model, which are recorded in ``plan.tune`` the same way.
     """
+    from mlexport.quantize.rotation import rotate_tie
+
+    rotate_tie(model, plan)  # a manifest's plan: the values were computed on the rotated table
     planned = [q for q in plan.tensors.values() if q.bits in (4, 8) and not q.shares]
     if not any(_ours(q) for q in planned):
         return {}

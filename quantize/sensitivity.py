@@ -32,12 +32,12 @@ def tensor_sensitivity(
     tokens = tokens[: min(SENSITIVITY_TOKENS, model.max_context)]
     t = len(tokens)
     (cos, sin), rot = model.rope(0, t), model.rope_rot_t
-    h = model.embed_tokens(torch.tensor([tokens]))
+    h = model.embed(torch.tensor([tokens]))
     inputs = []  # fp32 input of every executed layer
     for b in model.layer_map:
         inputs.append(h)
         h = _block(model.layers[b], h, cos, sin, rot)
-    ref = F.log_softmax(model.lm_head(model.norm(h)).float(), dim=-1)
+    ref = F.log_softmax(model.lm_head(model.head_input(h)).float(), dim=-1)
     first_run = {}
     for i, b in enumerate(model.layer_map):
         first_run.setdefault(b, i)
@@ -72,7 +72,7 @@ def tensor_sensitivity(
             runs += 1
         for layer in model.layer_map[start + runs :]:
             x = _block(model.layers[layer], x, cos, sin, rot)
-        test = F.log_softmax(model.lm_head(model.norm(x)).float(), dim=-1)
+        test = F.log_softmax(model.lm_head(model.head_input(x)).float(), dim=-1)
         kld = (ref.exp() * (ref - test)).sum(-1).mean(-1)
         for name, value in zip(names, kld.tolist(), strict=True):
             result[name] = value

@@ -39,8 +39,10 @@ def apply_plan(model: nn.Module, plan: QuantPlan, quantized: QuantizedValues | N
     rest go through torchao's round-to-nearest, one ``quantize_`` call per distinct config. Its float entries
     (tuned norm gains) replace the model's own.
     """
+    from mlexport.quantize.rotation import rotate_tie
     from torchao.quantization import quantize_
 
+    rotate_tie(model, plan)  # before the table is rounded: the plan's int8 rows are of the rotated table
     if plan.dtype == "fp16":
         model.half()
     quantized = quantized or {}

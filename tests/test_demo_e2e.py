@@ -73,6 +73,7 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
     assert manifest["model"]["sha256"] and manifest["model"]["kind"] == "demo"
     tie = manifest["sharing"]["tie"]
     assert (tie["mode"], tie["duplicated_bytes"]) == ("shared8", 0)
+    assert tie["rotation"] == {"kind": "hadamard", "factors": [24, 24], "sign_seed": 0}  # the head's int8 input
     assert manifest["storage"]["duplicated_bytes"] == 0
     assert manifest["accounting"]["within_slack"], manifest["accounting"]
     assert manifest["delegation"]["unexpected_fallback_ops"] == {}
@@ -129,8 +130,9 @@ def test_demo_onnx_4bit_answers_paris_within_peer_size(demo_onnx_4bit: Path) -> 
 def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
     """Issue #8's bar for the ExecuTorch `.pte` on the held-out text (GPL-3, llama.cpp protocol) is still open.
     Measured: KLD 0.1249 before scale tuning, 0.1125 with it (session 11), 0.1039 with chat turns in its text
-    (session 12), 0.1009 with the norm gains, 3 epochs and twice the samples (session 13), top-1 83.1%; llama.cpp's
-    Q4_0 is 0.269.
+    (session 12), 0.1009 with the norm gains, 3 epochs and twice the samples (session 13), top-1 83.1%; 0.1032 with
+    the tied table tuned (session 15), 0.1054 with it stored rotated (session 16; built-in 0.0824 -> 0.0778);
+    llama.cpp's Q4_0 is 0.269.
     This guards the measured level and records the gap rather than hiding it."""
     out = tmp_path / "held-out"
     result = _cli(
@@ -148,7 +150,7 @@ def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
     row = json.loads((out / "report.json").read_text())["artifacts"][0]["levels"]["total"]
     assert row["same_top1"] >= 0.8 and row["kld_mean"] <= 0.12, row
     if row["kld_mean"] > 0.10:
-        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1009 in session 13, 0.1032 in 15)")
+        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1009 in session 13, 0.1054 in 16)")
 
 
 def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:

@@ -122,6 +122,8 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     assert (
         tensors["lm_head.weight"]["shares"] == "embed_tokens.weight" and manifest["quant_plan"]["tie_mode"] == "shared8"
     )
+    # The int8 head's input is rotated, and the table stored rotated to match (quantize/rotation.py).
+    assert manifest["quant_plan"]["tie_rotation"] == {"kind": "hadamard", "factors": [8, 8], "sign_seed": 0}
     assert manifest["delegation"]["unexpected_fallback_ops"] == {}
     assert {s["name"] for s in manifest["stages"]} >= {"load", "quantize", "torch_export", "lower_xnnpack"}
     assert not any("stored twice" in w for w in manifest["warnings"])
@@ -145,6 +147,7 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
         and info["calibration"]["name"] == "python-pydoc-topics+self-generated"
     )
     assert info["accounting"]["within_slack"] and info["tie"]["mode"] == "shared8"
+    assert info["tie"]["rotation"]["factors"] == [8, 8]
     assert info["tie"]["auto"] is None  # the default layout is fixed; --tie-mode auto is measured (test_sharing)
     # The blob map read back from the files: the tie is one blob serving both uses, nothing duplicated.
     tie_blobs = [b for b in info["blobs"] if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
