@@ -462,7 +462,14 @@ def choose_tie(
         reference = build_decoder(loaded.spec, loaded.state_dict, max_context=CHOICE_TOKENS + 1)
         tokens = corpus_tokens(Tokenizer(loaded.tokenizer_dir))
         choice = choose_tie_mode(
-            reference, tokens, opts.quant, opts.group_size, modes, SCALE_BYTES[target], target == "executorch"
+            reference,
+            tokens,
+            opts.quant,
+            opts.group_size,
+            modes,
+            SCALE_BYTES[target],
+            per_channel_int8=target == "executorch",
+            rotate_tie=target == "executorch",  # as plan_for_target rotates it
         )
     scores = ", ".join(
         f"{c['mode']} KLD {c['kld_mean']:.3f} {c['predicted_bytes'] / 1e6:.1f} MB" for c in choice["candidates"]

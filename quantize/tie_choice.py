@@ -31,6 +31,7 @@ class TieCandidate:
     predicted_bytes: int
     kld_mean: float
     passes: bool = False
+    rotation: dict[str, Any] | None = None  # the table stored rotated, as the export would (quantize/rotation.py)
 
 
 def choose_tie_mode(
@@ -41,8 +42,13 @@ def choose_tie_mode(
     modes: tuple[str, ...] = TIE_MODES,
     scale_bytes: dict[int, int] | None = None,
     per_channel_int8: bool = True,
+    rotate_tie: bool = False,
 ) -> dict[str, Any]:
-    """Return {"mode": chosen, "candidates": [...], "rule": ...} for a tied fp32 ``model`` (left unchanged)."""
+    """Return {"mode": chosen, "candidates": [...], "rule": ...} for a tied fp32 ``model`` (left unchanged).
+
+    ``rotate_tie``: score each layout as the target's export runs it, with its tied table rotated where the plan
+    rotates it (ExecuTorch's int8 head)."""
+    from mlexport.quantize.rotation import plan_tie_rotation
     from mlexport.quantize.torchao_map import apply_plan
 
     tokens = torch.tensor([token_ids[:CHOICE_TOKENS]])
@@ -53,11 +59,15 @@ def choose_tie_mode(
         plan = plan_quantization(model, preset, group_size, mode, per_channel_int8)
         if plan.tie_mode != mode:  # this preset has only one layout (8-bit is always shared)
             continue
-        quantized = apply_plan(copy.deepcopy(model), plan)
+        candidate = copy.deepcopy(model)
+        if rotate_tie:
+            plan = plan_tie_rotation(candidate, plan)
+        quantized = apply_plan(candidate, plan)
         with torch.no_grad():
             test = log_softmax(quantized(tokens)[0].float().numpy())
         kld = float(np.mean(np.sum(np.exp(ref) * (ref - test), axis=-1)))
-        candidates.append(TieCandidate(mode, predicted_bytes(model, plan, scale_bytes)["total"], kld))
+        size = predicted_bytes(model, plan, scale_bytes)["total"]
+        candidates.append(TieCandidate(mode, size, kld, rotation=plan.tie_rotation))
     best = min(c.kld_mean for c in candidates)
     for c in candidates:
         c.passes = c.kld_mean <= best * KLD_TOLERANCE + KLD_FLOOR

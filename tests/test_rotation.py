@@ -106,3 +106,19 @@ def test_core_ml_refuses_a_rotated_table(tiny: Path) -> None:
     plan_tie_rotation(model, plan_quantization(model, "4bit", 32, "shared8", True, "rtn"))
     with pytest.raises(MlexportError, match="rotated"):
         StatefulDecoder(model)
+
+
+def test_tie_mode_auto_scores_the_rotated_table_the_export_would_store(tiny: Path) -> None:
+    """``--tie-mode auto`` on ExecuTorch measures shared8 as exported: rotated (recorded per candidate)."""
+    from mlexport.quantize.tie_choice import choose_tie_mode
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    table = model.embed_tokens.weight.detach().clone()
+    tokens = list(range(3, 60))
+    plain = {c["mode"]: c for c in choose_tie_mode(model, tokens, "4bit", 32)["candidates"]}
+    rotated = {c["mode"]: c for c in choose_tie_mode(model, tokens, "4bit", 32, rotate_tie=True)["candidates"]}
+    assert plain["shared8"]["rotation"] is None and rotated["shared8"]["rotation"]["factors"] == [8, 12]
+    assert rotated["dup4"]["rotation"] is None  # two stored copies, no shared table to rotate
+    assert rotated["shared8"]["kld_mean"] != plain["shared8"]["kld_mean"]
+    assert torch.equal(model.embed_tokens.weight, table) and model.tie_rotation is None  # left unchanged
