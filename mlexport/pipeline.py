@@ -283,6 +283,7 @@ def plan_for_target(
     plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, asymmetric)
     if target == "executorch":  # its tied head quantizes its input to int8: rotate the table (and the model)
         plan = plan_tie_rotation(model, plan)
+        plan = activation_smoothing(model, plan, loaded, opts, say)
     vocab = int(model.lm_head.weight.shape[0]) if hasattr(model, "lm_head") else 0
     rows = 0 if opts.palettize else opts.tie_int8_rows  # a palette replaces the plan's linear quantization
     plan = tie_grid(plan, target, opts.group_size, vocab, rows)
@@ -299,6 +300,19 @@ def plan_for_target(
     elif opts.tune_scales and method != "gptq":
         plan.notes.append(f"--tune-scales needs GPTQ's values; the {method} quantizer ran, untuned")
     return plan
+
+
+def activation_smoothing(model: Any, plan: Any, loaded: LoadedModel, opts: ExportOptions, say: Status) -> Any:
+    """XNNPACK rounds every Linear's input to int8 per token: fold group-constant factors into the norms and
+    weights (quantize/smoothing.py), measured on the calibration text, before anything is quantized."""
+    from mlexport.quantize.calibrate import calibration_set
+    from mlexport.quantize.smoothing import plan_smoothing
+
+    if opts.quant != "4bit" or loaded.tokenizer_dir is None:
+        return plan
+    say("measuring the int8 activations' ranges for smoothing")
+    windows, _ = calibration_set(model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
+    return plan_smoothing(model, plan, windows)
 
 
 def tie_grid(plan: Any, target: str, group_size: int, vocab: int, int8_rows: int | None = None) -> Any:

@@ -59,6 +59,7 @@ class QuantPlan:
     mixed: dict[str, Any] | None = None  # sensitivity-driven 8-bit upgrades: budget and the tensors chosen
     tune: dict[str, Any] | None = None  # end-to-end scale tuning after GPTQ (quantize/tune.py): recipe and text
     tie_rotation: dict[str, Any] | None = None  # the tied table stored rotated (quantize/rotation.py)
+    smoothing: dict[str, Any] | None = None  # int8 activations' group factors, folded in (quantize/smoothing.py)
 
     def without_int8_rows(self) -> QuantPlan:
         """This plan with every tensor at its own width throughout: the all-4-bit baseline the size budget is
@@ -75,6 +76,7 @@ class QuantPlan:
             "mixed": self.mixed,
             "tune": self.tune,
             **({"tie_rotation": self.tie_rotation} if self.tie_rotation else {}),
+            **({"smoothing": self.smoothing} if self.smoothing else {}),
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
 
@@ -91,6 +93,7 @@ class QuantPlan:
             mixed=raw.get("mixed"),
             tune=raw.get("tune"),
             tie_rotation=raw.get("tie_rotation"),
+            smoothing=raw.get("smoothing"),
         )
 
     def summary(self) -> dict[str, int]:

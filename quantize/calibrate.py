@@ -41,6 +41,7 @@ CACHED_CODE = (
     "mlexport.quantize.sensitivity",
     "mlexport.quantize.tune",
     "mlexport.quantize.rotation",
+    "mlexport.quantize.smoothing",
     "mlexport.model",
 )
 # What GPTQ's values (and the sensitivity pass, and the sampled text) depend on: all but the tuning. Keyed by this,
@@ -562,8 +563,10 @@ def prepare(
     the model, which are recorded in ``plan.tune`` the same way.
     """
     from mlexport.quantize.rotation import rotate_tie
+    from mlexport.quantize.smoothing import smooth
 
     rotate_tie(model, plan)  # a manifest's plan: the values were computed on the rotated table
+    smooth(model, plan)  # and on the smoothed weights
     planned = [q for q in plan.tensors.values() if q.bits in (4, 8) and not q.shares]
     if not any(_ours(q) for q in planned):
         return {}

@@ -40,9 +40,11 @@ def apply_plan(model: nn.Module, plan: QuantPlan, quantized: QuantizedValues | N
     (tuned norm gains) replace the model's own.
     """
     from mlexport.quantize.rotation import rotate_tie
+    from mlexport.quantize.smoothing import smooth
     from torchao.quantization import quantize_
 
     rotate_tie(model, plan)  # before the table is rounded: the plan's int8 rows are of the rotated table
+    smooth(model, plan)  # likewise the smoothed weights (before the tuned gains, which were tuned smoothed)
     if plan.dtype == "fp16":
         model.half()
     quantized = quantized or {}

@@ -44,7 +44,8 @@ def demo_4bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _export_demo(tmp_path_factory: pytest.TempPathFactory, target: str) -> Path:
     out = tmp_path_factory.mktemp("demo") / f"demo-{target}-4bit"
-    result = _cli("export", "--target", target, "--quant", "4bit", "-o", str(out))
+    # cold (no cached values): GPTQ plus the tuning took 40 min for ExecuTorch on this 2-core machine
+    result = _cli("export", "--target", target, "--quant", "4bit", "-o", str(out), timeout=4 * 3600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -82,6 +83,8 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
     linears = [k for k in plan["tensors"] if k.startswith("layers.")]
     upgraded = {u["tensor"] for u in plan["mixed"]["upgrades"]}
     assert len(linears) == 30 * 7 and 0 < len(upgraded) < 40
+    # int8 activations smoothed per 32-channel group on all 30 blocks: both norms and up_proj's rows
+    assert plan["smoothing"]["group"] == 32 and len(plan["smoothing"]["factors"]) == 30 * 3
     assert all(plan["tensors"][k]["scheme"] == ("int8_dynact" if k in upgraded else "int4_dynact") for k in linears)
     assert all(plan["tensors"][k]["method"] == "gptq" for k in linears)
     assert plan["tune"]["method"] == "e2e-scales" and plan["tune"]["target"] == "executorch"
@@ -128,12 +131,12 @@ def test_demo_onnx_4bit_answers_paris_within_peer_size(demo_onnx_4bit: Path) -> 
 
 
 def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
-    """Issue #8's bar for the ExecuTorch `.pte` on the held-out text (GPL-3, llama.cpp protocol) is still open.
+    """Issue #8's bar for the ExecuTorch `.pte` on the held-out text (GPL-3, llama.cpp protocol).
     Measured: KLD 0.1249 before scale tuning, 0.1125 with it (session 11), 0.1039 with chat turns in its text
-    (session 12), 0.1009 with the norm gains, 3 epochs and twice the samples (session 13), top-1 83.1%; 0.1032 with
-    the tied table tuned (session 15), 0.1054 with it stored rotated (session 16; built-in 0.0824 -> 0.0778);
-    llama.cpp's Q4_0 is 0.269.
-    This guards the measured level and records the gap rather than hiding it."""
+    (session 12), 0.1009 with the norm gains, 3 epochs and twice the samples (session 13); 0.1032 with the tied
+    table tuned (session 15), 0.1054 with it stored rotated (session 16); 0.0992, top-1 82.3%, with the int8
+    activations smoothed per group (session 17). llama.cpp's Q4_0 is 0.269. The margin is small (the tuning's
+    run-to-run spread was ~0.002), so this fails loudly if a change or another machine's arithmetic crosses it."""
     out = tmp_path / "held-out"
     result = _cli(
         "validate",
@@ -145,12 +148,12 @@ def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
         "--corpus",
         str(HELD_OUT),
         *LLAMA_CPP_PROTOCOL,
+        "--gate",
+        "kld_mean<=0.10,same_top1>=0.8",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = json.loads((out / "report.json").read_text())["artifacts"][0]["levels"]["total"]
-    assert row["same_top1"] >= 0.8 and row["kld_mean"] <= 0.12, row
-    if row["kld_mean"] > 0.10:
-        pytest.xfail(f"held-out KLD {row['kld_mean']:.4f} > 0.10 (issue #8; 0.1009 in session 13, 0.1054 in 16)")
+    assert row["same_top1"] >= 0.8 and row["kld_mean"] <= 0.10, row
 
 
 def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:

@@ -124,6 +124,12 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     )
     # The int8 head's input is rotated, and the table stored rotated to match (quantize/rotation.py).
     assert manifest["quant_plan"]["tie_rotation"] == {"kind": "hadamard", "factors": [8, 8], "sign_seed": 0}
+    # The int8 activations are smoothed per 32-channel group: factors for each block's norms and up_proj rows.
+    smoothing = manifest["quant_plan"]["smoothing"]
+    assert smoothing["group"] == 32 and set(smoothing["factors"]) >= {
+        "layers.0.input_layernorm",
+        "layers.1.mlp.up_proj",
+    }
     assert manifest["delegation"]["unexpected_fallback_ops"] == {}
     assert {s["name"] for s in manifest["stages"]} >= {"load", "quantize", "torch_export", "lower_xnnpack"}
     assert not any("stored twice" in w for w in manifest["warnings"])
