@@ -308,11 +308,17 @@ def activation_smoothing(model: Any, plan: Any, loaded: LoadedModel, opts: Expor
     from mlexport.quantize.calibrate import calibration_set
     from mlexport.quantize.smoothing import plan_smoothing
 
-    if opts.quant != "4bit" or loaded.tokenizer_dir is None:
+    if opts.quant != "4bit":
+        return plan
+    if loaded.tokenizer_dir is None:
+        plan.notes.append("int8 activations not smoothed: measuring their ranges needs the model's tokenizer")
         return plan
     say("measuring the int8 activations' ranges for smoothing")
     windows, _ = calibration_set(model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
-    return plan_smoothing(model, plan, windows)
+    plan = plan_smoothing(model, plan, windows)
+    if plan.smoothing is None:  # the factors must be constant over each quantization group: one size for all
+        plan.notes.append("int8 activations not smoothed: the 4-bit Linears do not share one group size")
+    return plan
 
 
 def tie_grid(plan: Any, target: str, group_size: int, vocab: int, int8_rows: int | None = None) -> Any:

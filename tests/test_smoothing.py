@@ -125,3 +125,17 @@ def test_smoothing_lowers_the_int8_activations_error_where_an_outlier_group_sets
 
     plain, smoothed = activation_error(False), activation_error(True)
     assert smoothed < 0.8 * plain, (plain, smoothed)  # measured: 0.00056 -> 0.00039
+
+
+def test_the_export_plan_smooths_or_says_why_not(tiny: Path) -> None:
+    """ExecuTorch's plan smooths when every 4-bit Linear shares one group size, and notes it when they do not."""
+    from mlexport.pipeline import ExportOptions, StageLog, plan_for_target
+
+    loaded = load_model(str(tiny))
+    assert loaded.tokenizer_dir is not None
+    for group, smoothed in ((32, True), (64, False)):  # 64: q/k/v and gate/up fall back to 32 (96 wide), down 64
+        model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+        opts = ExportOptions(model=str(tiny), target="executorch", group_size=group, size_budget_mb=0)
+        plan = plan_for_target(model, loaded, opts, "executorch", "shared8", lambda _t: None, StageLog())
+        assert (plan.smoothing is not None) == smoothed == getattr(model, "smoothed", False)
+        assert any("not smoothed" in note for note in plan.notes) != smoothed
