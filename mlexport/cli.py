@@ -117,6 +117,12 @@ def export(
         "size unchanged; ~17 min on the demo on 2 cores, then cached) "
         "[default: on for executorch, off for onnx and coreml]",
     ),
+    smooth: bool | None = typer.Option(
+        None,
+        "--smooth/--no-smooth",
+        help="executorch, 4-bit: fold per-group factors into the norms and weights so XNNPACK's int8 activations "
+        "lose less (size and ops unchanged; demo held-out KLD 0.105 -> 0.099) [default: on]",
+    ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -141,6 +147,7 @@ def export(
         reuse_source_grid,
         tie_int8_rows,
         tune_scales,
+        smooth,
     )
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()

@@ -112,6 +112,7 @@ class ExportOptions:
     tie_int8_rows: int | None = None  # a 4-bit tie's first N rows at int8; None = the target's TIE_INT8_ROWS
     reuse_source_grid: bool | None = None  # exact GGUF blocks as upgrades; None = the target's REUSE_GRID_DEFAULT
     tune_scales: bool | None = None  # end-to-end scale tuning after GPTQ; None = the target's TUNE_DEFAULT_TARGETS
+    smooth: bool | None = None  # ExecuTorch's int8 activations smoothed (quantize/smoothing.py); None = on there
 
 
 def model_label(source: str) -> str:
@@ -165,6 +166,11 @@ def validate_options(opts: ExportOptions) -> list[str]:
         raise MlexportError("--tie-int8-rows and --palettize exclude each other: a palette replaces int4/int8")
     if opts.tune_scales and (opts.quant != "4bit" or opts.quantizer not in ("auto", "gptq") or opts.palettize):
         raise MlexportError("--tune-scales tunes GPTQ's 4-bit scales: use it with --quant 4bit and the GPTQ quantizer")
+    if opts.smooth and (targets != ["executorch"] or opts.quant != "4bit"):
+        raise MlexportError(
+            "--smooth applies to --target executorch --quant 4bit only (the one target that rounds activations "
+            "to int8 per token); drop the flag"
+        )
     if opts.max_context < 16:
         raise MlexportError("--max-context must be at least 16")
     if opts.out is not None and len(targets) > 1:
@@ -309,6 +315,9 @@ def activation_smoothing(model: Any, plan: Any, loaded: LoadedModel, opts: Expor
     from mlexport.quantize.smoothing import plan_smoothing
 
     if opts.quant != "4bit":
+        return plan
+    if opts.smooth is False:
+        plan.notes.append("int8 activations not smoothed (--no-smooth)")
         return plan
     if loaded.tokenizer_dir is None:
         plan.notes.append("int8 activations not smoothed: measuring their ranges needs the model's tokenizer")
@@ -481,6 +490,11 @@ def choose_tie(
     with log.stage("tie_choice"):
         reference = build_decoder(loaded.spec, loaded.state_dict, max_context=CHOICE_TOKENS + 1)
         tokens = corpus_tokens(Tokenizer(loaded.tokenizer_dir))
+        windows = None
+        if target == "executorch" and opts.smooth is not False:  # as plan_for_target does (activation_smoothing)
+            from mlexport.quantize.calibrate import calibration_set
+
+            windows, _ = calibration_set(reference, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
         choice = choose_tie_mode(
             reference,
             tokens,
@@ -490,6 +504,7 @@ def choose_tie(
             SCALE_BYTES[target],
             per_channel_int8=target == "executorch",
             rotate_tie=target == "executorch",  # as plan_for_target rotates it
+            smooth_windows=windows,
         )
     scores = ", ".join(
         f"{c['mode']} KLD {c['kld_mean']:.3f} {c['predicted_bytes'] / 1e6:.1f} MB" for c in choice["candidates"]

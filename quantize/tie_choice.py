@@ -32,6 +32,7 @@ class TieCandidate:
     kld_mean: float
     passes: bool = False
     rotation: dict[str, Any] | None = None  # the table stored rotated, as the export would (quantize/rotation.py)
+    smoothed: bool = False  # the int8 activations smoothed, as the export would (quantize/smoothing.py)
 
 
 def choose_tie_mode(
@@ -43,12 +44,15 @@ def choose_tie_mode(
     scale_bytes: dict[int, int] | None = None,
     per_channel_int8: bool = True,
     rotate_tie: bool = False,
+    smooth_windows: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """Return {"mode": chosen, "candidates": [...], "rule": ...} for a tied fp32 ``model`` (left unchanged).
 
-    ``rotate_tie``: score each layout as the target's export runs it, with its tied table rotated where the plan
-    rotates it (ExecuTorch's int8 head)."""
+    ``rotate_tie`` and ``smooth_windows`` (calibration windows): score each layout as the target's export runs it,
+    with its tied table rotated where the plan rotates it and its int8 activations smoothed (ExecuTorch), so the
+    layouts are compared on the model that will ship, not on one the export never builds."""
     from mlexport.quantize.rotation import plan_tie_rotation
+    from mlexport.quantize.smoothing import plan_smoothing
     from mlexport.quantize.torchao_map import apply_plan
 
     tokens = torch.tensor([token_ids[:CHOICE_TOKENS]])
@@ -62,12 +66,16 @@ def choose_tie_mode(
         candidate = copy.deepcopy(model)
         if rotate_tie:
             plan = plan_tie_rotation(candidate, plan)
+        if smooth_windows:
+            plan = plan_smoothing(candidate, plan, smooth_windows)
         quantized = apply_plan(candidate, plan)
         with torch.no_grad():
             test = log_softmax(quantized(tokens)[0].float().numpy())
         kld = float(np.mean(np.sum(np.exp(ref) * (ref - test), axis=-1)))
         size = predicted_bytes(model, plan, scale_bytes)["total"]
-        candidates.append(TieCandidate(mode, size, kld, rotation=plan.tie_rotation))
+        candidates.append(
+            TieCandidate(mode, size, kld, rotation=plan.tie_rotation, smoothed=plan.smoothing is not None)
+        )
     best = min(c.kld_mean for c in candidates)
     for c in candidates:
         c.passes = c.kld_mean <= best * KLD_TOLERANCE + KLD_FLOOR

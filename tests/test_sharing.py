@@ -110,6 +110,8 @@ def test_ls_artifact_stores_blocks_once(tmp_path: Path) -> None:
         tie = manifest["sharing"]["tie"]
         assert (tie["mode"], tie["duplicated_bytes"], tie["auto"]["mode"]) == ("shared8", 0, "shared8")
         assert [c["mode"] for c in tie["auto"]["candidates"]] == ["shared8", "dup4"]
+        # the layouts were scored on the model the export ships: its int8 activations smoothed
+        assert manifest["quant_plan"]["smoothing"] and all(c["smoothed"] for c in tie["auto"]["candidates"])
         storage = manifest["storage"]
         assert storage["duplicated_bytes"] == 0
         assert storage["stored_bytes"] <= 1.03 * manifest["accounting"]["predicted_unique_bytes"]

@@ -139,3 +139,40 @@ def test_the_export_plan_smooths_or_says_why_not(tiny: Path) -> None:
         plan = plan_for_target(model, loaded, opts, "executorch", "shared8", lambda _t: None, StageLog())
         assert (plan.smoothing is not None) == smoothed == getattr(model, "smoothed", False)
         assert any("not smoothed" in note for note in plan.notes) != smoothed
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    opts = ExportOptions(model=str(tiny), target="executorch", size_budget_mb=0, smooth=False)
+    plan = plan_for_target(model, loaded, opts, "executorch", "shared8", lambda _t: None, StageLog())
+    assert plan.smoothing is None and not getattr(model, "smoothed", False)
+    assert "int8 activations not smoothed (--no-smooth)" in plan.notes
+
+
+def test_smooth_flag_is_refused_where_nothing_runs_int8_activations() -> None:
+    from typer.testing import CliRunner
+
+    from mlexport.cli import app
+
+    for args in (["--target", "onnx", "--quant", "4bit"], ["--target", "executorch", "--quant", "8bit"]):
+        result = CliRunner().invoke(app, ["export", *args, "--smooth"])  # parsed, then refused before any work
+        assert isinstance(result.exception, MlexportError)
+        assert "--smooth applies to --target executorch --quant 4bit only" in str(result.exception)
+
+
+def test_tie_mode_auto_scores_the_smoothed_model_the_export_would_ship(tiny: Path) -> None:
+    """``--tie-mode auto`` on ExecuTorch compares layouts on the model ExecuTorch exports: rotated and smoothed.
+    Before, its candidates ran unsmoothed int8 activations, a model no export builds."""
+    from mlexport.quantize.tie_choice import choose_tie_mode
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=64)
+    gain = model.layers[0].input_layernorm.weight.detach().clone()
+    tokens = list(range(3, 60))
+    modes = ("shared8", "dup4")  # ExecuTorch's layouts
+    plain = {c["mode"]: c for c in choose_tie_mode(model, tokens, "4bit", 32, modes, rotate_tie=True)["candidates"]}
+    smoothed = choose_tie_mode(model, tokens, "4bit", 32, modes, rotate_tie=True, smooth_windows=WINDOWS)
+    by_mode = {c["mode"]: c for c in smoothed["candidates"]}
+    assert set(by_mode) == {"shared8", "dup4"} and all(c["smoothed"] for c in by_mode.values())
+    assert not any(c["smoothed"] for c in plain.values())
+    assert all(by_mode[m]["kld_mean"] != plain[m]["kld_mean"] for m in by_mode)  # the int8 inputs moved
+    assert by_mode["shared8"]["rotation"] == plain["shared8"]["rotation"]
+    # the caller's model is left as it was: not smoothed, not rotated
+    assert torch.equal(model.layers[0].input_layernorm.weight, gain) and not getattr(model, "smoothed", False)
