@@ -4,6 +4,12 @@ Why a separate traced wrapper instead of the shared decoder's forward: Core ML w
 updated by slice assignment, positions derived from input shapes (the token count and the mask width), and
 attention written so coremltools emits its fused SDPA (no explicit ``scale``). The weights are the decoder's own
 modules, so LS blocks stay aliased and the tied table stays one tensor (REFERENCE §5).
+
+What the 4-bit demo needs to fit weight.bin's 80 MB with >= 90% greedy agreement (issue #5): a reused Q4_1 grid
+runs as int4 blocks plus a second Linear over block sums whose weight is the blocks' offsets at int8
+(quantize/block_offsets.py); a tied table stored rotated (``E R``, planned in pipeline.coreml_tie_rotation) is
+rotated back after the lookup and the head's input rotated; the RoPE cos/sin come from two small tables
+(``rope_tables``) instead of a [max_context, head_dim] pair.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from mlexport.quantize import QuantPlan
 from mlexport.quantize.algorithms import QuantizedWeight
+from mlexport.quantize.block_offsets import block_offsets, has_float_zero
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -52,10 +59,8 @@ class StatefulDecoder(nn.Module):
     [1, kv_heads, max_context, head_dim] that Core ML turns into model state.
     """
 
-    def __init__(self, model: Decoder, int8_rows: int = 0) -> None:
+    def __init__(self, model: Decoder, int8_rows: int = 0, offsets: dict[str, QuantizedWeight] | None = None) -> None:
         super().__init__()
-        if model.tie_rotation is not None:  # only ExecuTorch's plans rotate the table (quantize/rotation.py)
-            raise MlexportError("this model's tied table is stored rotated, which the Core ML graph does not undo")
         self.model = model
         # A tie whose first rows are int8 (TensorQuant.int8_rows) is stored as two tables, each one const that
         # both the lookup and the head read: still stored once, in two compressions.
@@ -64,30 +69,37 @@ class StatefulDecoder(nn.Module):
             table = model.lm_head.weight.detach()
             self.tie_int8 = nn.Parameter(table[:int8_rows].clone(), requires_grad=False)
             self.tie_int4 = nn.Parameter(table[int8_rows:].clone(), requires_grad=False)
+        # Reused Q4_1 grids: each Linear also reads the sums of its input's blocks times the blocks' offsets
+        # (quantize/block_offsets.py). Keyed by the weight, so LS blocks that share a Linear share its offsets.
+        self._offset_of: dict[int, str] = {}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, qw in (offsets or {}).items():
+            attr = offset_attr(name)
+            self.register_parameter(attr, nn.Parameter(qw.dequantize(), requires_grad=False))
+            self._offset_of[id(params[name])] = attr
         spec = model.spec
         ctx = model.max_context
         for i, block in enumerate(model.layer_map):
             shape = (1, spec.n_kv_heads[block], ctx, spec.head_dim)
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16))
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16))
-        cos, sin = model.rope(0, ctx)
-        self.register_buffer("cos", cos[:, 0, :].clone())
-        self.register_buffer("sin", sin[:, 0, :].clone())
+        for name, table in rope_tables(model).items():
+            self.register_buffer(name, table)
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         m = self.model
         t = input_ids.shape[-1]
         end = causal_mask.shape[-1]
         start = end - t
-        cos, sin = self.cos[start:end], self.sin[start:end]
+        cos, sin = self._rope(start, end)
         h = self._embed(input_ids)
         for i, block_idx in enumerate(m.layer_map):
             block = m.layers[block_idx]
-            attn = block.self_attn
+            attn, mlp = block.self_attn, block.mlp
             x = _norm(block.input_layernorm, h)
-            q = attn.q_proj(x).view(1, t, attn.n_heads, attn.head_dim)
-            k = attn.k_proj(x).view(1, t, attn.n_kv, attn.head_dim)
-            v = attn.v_proj(x).view(1, t, attn.n_kv, attn.head_dim)
+            q = self._linear(attn.q_proj, x).view(1, t, attn.n_heads, attn.head_dim)
+            k = self._linear(attn.k_proj, x).view(1, t, attn.n_kv, attn.head_dim)
+            v = self._linear(attn.v_proj, x).view(1, t, attn.n_kv, attn.head_dim)
             if attn.q_norm is not None:
                 q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
             q = _rotate(q.transpose(1, 2), cos, sin)
@@ -103,24 +115,72 @@ class StatefulDecoder(nn.Module):
                 values = values.repeat_interleave(reps, dim=1)
             # No `scale` argument: coremltools emits its fused SDPA only then (REFERENCE §5).
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_mask.to(q.dtype))
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(1, t, attn.n_heads * attn.head_dim))
+            h = h + self._linear(attn.o_proj, out.transpose(1, 2).reshape(1, t, attn.n_heads * attn.head_dim))
             x = _norm(block.post_attention_layernorm, h)
-            h = h + block.mlp(x)
+            gated = F.silu(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
+            h = h + self._linear(mlp.down_proj, gated)
         return self._head(_norm(m.norm, h))
 
+    def _linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x)``, plus its blocks' offsets times the sums of x's blocks when its grid has them."""
+        attr = self._offset_of.get(id(linear.weight))
+        if attr is None:
+            return linear(x)
+        offsets = getattr(self, attr)
+        sums = x.reshape(*x.shape[:-1], offsets.shape[1], -1).sum(-1)
+        return linear(x) + F.linear(sums, offsets)
+
+    def _rope(self, start: Any, end: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions start..end-1 from two small tables: position p = ROPE_SPLIT·a + b, and
+        cos(p·f) = cos(a·S·f) cos(b·f) − sin(a·S·f) sin(b·f) (sin likewise). The full [max_context, head_dim]
+        pair is 0.5 MB of fp16 at a 2048 context, which the 80 MB weight.bin needs for the model's weights."""
+        positions = torch.arange(start, end)
+        coarse, fine = positions // ROPE_SPLIT, positions % ROPE_SPLIT
+        cos_a, sin_a = self.rope_cos_coarse[coarse], self.rope_sin_coarse[coarse]
+        cos_b, sin_b = self.rope_cos_fine[fine], self.rope_sin_fine[fine]
+        return cos_a * cos_b - sin_a * sin_b, sin_a * cos_b + cos_a * sin_b
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rotation = self.model.tie_rotation
         if not self.int8_rows:
-            return self.model.embed_tokens(input_ids)
-        n = self.int8_rows
-        low = input_ids < n
-        head = F.embedding(torch.where(low, input_ids, 0), self.tie_int8)
-        tail = F.embedding(torch.where(low, 0, input_ids - n), self.tie_int4)
-        return torch.where(low.unsqueeze(-1), head, tail)
+            rows = self.model.embed_tokens(input_ids)
+        else:
+            n = self.int8_rows
+            low = input_ids < n
+            head = F.embedding(torch.where(low, input_ids, 0), self.tie_int8)
+            tail = F.embedding(torch.where(low, 0, input_ids - n), self.tie_int4)
+            rows = torch.where(low.unsqueeze(-1), head, tail)
+        return rows if rotation is None else rotation.undo(rows)  # a table stored rotated (E R): rows times R^T
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.tie_rotation is not None:
+            x = self.model.tie_rotation(x)  # (x R)(E R)^T = x E^T
         if not self.int8_rows:
             return self.model.lm_head(x)
         return torch.cat((F.linear(x, self.tie_int8), F.linear(x, self.tie_int4)), dim=-1)
+
+
+ROPE_SPLIT = 64
+
+
+def rope_tables(model: Decoder) -> dict[str, torch.Tensor]:
+    """The two small cos/sin tables ``StatefulDecoder._rope`` combines (float64 angles, stored at the model's
+    float width; the converter makes them fp16)."""
+    inv_freq = model.rope_inv_freq.double()
+    coarse = torch.arange(0, -(-model.max_context // ROPE_SPLIT), dtype=torch.float64) * ROPE_SPLIT
+    fine = torch.arange(ROPE_SPLIT, dtype=torch.float64)
+    tables = {}
+    for kind, positions in (("coarse", coarse), ("fine", fine)):
+        angles = positions[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)  # [n, head_dim], like the rotate-half layout of q and k
+        tables[f"rope_cos_{kind}"] = angles.cos().float()
+        tables[f"rope_sin_{kind}"] = angles.sin().float()
+    return tables
+
+
+def offset_attr(name: str) -> str:
+    """The wrapper's parameter holding ``name``'s block offsets (its const in the MIL program has this name)."""
+    return "off_" + name.removesuffix(".weight").replace(".", "_")
 
 
 def causal_mask(past: int, t: int) -> np.ndarray:
@@ -147,7 +207,10 @@ def convert(
     int8_rows = head.int8_rows if head is not None and head.bits == 4 else 0
     if int8_rows and (palettize or not quantized):
         raise MlexportError("the tie's int8 rows need mlexport's own quantized values; drop --palettize")
-    wrapper = StatefulDecoder(model, int8_rows).eval()
+    if model.tie_rotation is not None and (palettize or not quantized):
+        raise MlexportError("a rotated tied table needs mlexport's own quantized values; drop --palettize")
+    offsets = {} if palettize else float_zero_offsets(quantized or {})
+    wrapper = StatefulDecoder(model, int8_rows, offsets).eval()
     example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(0, 2).astype(np.float32)))
     if status:
         status("tracing the stateful decoder (torch.jit.trace)")
@@ -184,10 +247,16 @@ def convert(
         )
     with log.stage("compress"):
         if quantized and not palettize:
-            mlmodel = set_quantized_weights(mlmodel, model, plan, quantized, status)
+            mlmodel = set_quantized_weights(mlmodel, model, plan, quantized, status, offsets)
         else:
             mlmodel = compress(mlmodel, plan, palettize, status)
     return mlmodel
+
+
+def float_zero_offsets(quantized: dict[str, Any]) -> dict[str, QuantizedWeight]:
+    """Each reused Q4_1 grid's block offsets at int8 (quantize/block_offsets.py), by weight name."""
+    grids = {n: qw for n, qw in quantized.items() if isinstance(qw, QuantizedWeight) and has_float_zero(qw)}
+    return {n: block_offsets(qw) for n, qw in grids.items()}
 
 
 def compress(mlmodel: Any, plan: QuantPlan, palettize: int | None, status: Any = None) -> Any:
@@ -218,11 +287,18 @@ def compress(mlmodel: Any, plan: QuantPlan, palettize: int | None, status: Any =
 
 
 def set_quantized_weights(
-    mlmodel: Any, model: Decoder, plan: QuantPlan, quantized: dict[str, QuantizedWeight], status: Any = None
+    mlmodel: Any,
+    model: Decoder,
+    plan: QuantPlan,
+    quantized: dict[str, QuantizedWeight],
+    status: Any = None,
+    offsets: dict[str, QuantizedWeight] | None = None,
 ) -> Any:
     """Replace each weight const with ``constexpr_blockwise_shift_scale`` over our quantizer's own values (GPTQ,
     the scale search, zero points): the same integers and scales the eager reference runs, not coremltools' RTN.
-    Every planned tensor must find its const; anything left over is an error, not a silently float weight."""
+    A reused Q4_1 grid's float zero points become the int8 ``offsets`` of its second Linear instead
+    (StatefulDecoder._linear). Every planned tensor must find its const; anything left over is an error, not a
+    silently float weight."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
@@ -235,6 +311,8 @@ def set_quantized_weights(
     for name, q in plan.tensors.items():  # tensors the plan leaves to RTN get RTN values on the same path
         if q.bits in (4, 8) and not q.shares and name not in quantized:
             quantized[name] = quantize_one(params[name].detach().float(), q, None)
+    offsets = offsets or {}
+    by_offset_attr = {offset_attr(n): n for n in offsets}
     done: set[str] = set()
 
     class SetQuantized(AbstractGraphPass):
@@ -245,12 +323,16 @@ def set_quantized_weights(
                         if op.op_type != "const" or op.outputs[0].val is None or np.ndim(op.outputs[0].val) != 2:
                             continue
                         base = _SUFFIXES.sub("", op.name)
-                        name = by_flat.get(base) or by_flat.get(base + "_weight") or _SPLIT_TIE.get(base)
-                        q = plan.tensors.get(name) if name else None
-                        if q is None or q.bits not in (4, 8):
-                            continue
-                        owner = q.shares or name
-                        qw = quantized[owner]
+                        if base in by_offset_attr:  # a Q4_1 grid's block offsets, int8 per row
+                            qw = offsets[by_offset_attr[base]]
+                            name = owner = base
+                        else:
+                            name = by_flat.get(base) or by_flat.get(base + "_weight") or _SPLIT_TIE.get(base)
+                            q = plan.tensors.get(name) if name else None
+                            if q is None or q.bits not in (4, 8):
+                                continue
+                            owner = q.shares or name
+                            qw = quantized[owner]
                         if base in _SPLIT_TIE:  # the tie's int8 head rows, or the 4-bit rest
                             if qw.int8_rows is None:
                                 raise MlexportError(f"{name}: split into int8 rows, but no int8 values were computed")
@@ -264,7 +346,7 @@ def set_quantized_weights(
                         int_type = types.np_int4_dtype if qw.bits == 4 else np.int8
                         float_type = op.outputs[0].val.dtype
                         offset = None
-                        if qw.zero_point is not None:  # a reused Q4_1 grid's zero points are fractional: float
+                        if qw.zero_point is not None and owner not in offsets:  # GPTQ's integer zero points
                             zero = qw.zero_point.numpy()
                             offset = zero.astype(float_type if qw.zero_point.is_floating_point() else int_type)
                         new = mb.constexpr_blockwise_shift_scale(
@@ -286,6 +368,7 @@ def set_quantized_weights(
 
     result = _apply_graph_pass(mlmodel, SetQuantized(), spec_version=ct.target.iOS18, skip_model_load=True)
     missing = [n for n, q in plan.tensors.items() if q.bits in (4, 8) and n not in done]
+    missing += [n for n, attr in ((n, offset_attr(n)) for n in offsets) if attr not in done]
     if missing:
         raise MlexportError(f"{len(missing)} planned tensors have no Core ML weight const: {missing[:4]}")
     return result
@@ -370,8 +453,12 @@ def blob_sources(package: Path, logical_names: dict[str, list[str]]) -> dict[str
     sources: dict[str, list[str]] = {}
     for key, op_name in _blob_ops(package):
         base = _SUFFIXES.sub("", op_name)
+        offsets = base.startswith("off_")  # a Q4_1 grid's block offsets (StatefulDecoder._linear)
+        if offsets:
+            base = "model_" + base.removeprefix("off_") + "_weight"
         name = by_flat.get(base) or by_flat.get(base + "_weight") or _SPLIT_TIE.get(base)
         part = "scale" if op_name.endswith("_scale") else "offset" if op_name.endswith("_offset") else "data"
+        part = f"block offsets {part}" if offsets else part
         part += _SPLIT_PART.get(base, "")
         if name:
             uses = logical_names[name]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mlexport.quantize import QuantPlan
+from mlexport.quantize.block_offsets import offset_form_bytes
 
 ACCOUNTING_SLACK = 1.03  # headroom for alignment and scale layouts
 PROGRAM_OVERHEAD = 64 * 1024  # the program itself: graph, instructions, delegate headers (~30 KB measured)
@@ -106,9 +107,15 @@ def tensor_bytes(
     raise ValueError(f"unknown scheme {scheme}")
 
 
-def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[int, int] | None = None) -> int:
+# A ``scale_bytes`` key: the target stores a reused Q4_1 grid's float zero points as int8 block offsets
+# (quantize/block_offsets.py; Core ML) rather than as floats as wide as its scales.
+BLOCK_OFFSETS = "block_offsets"
+
+
+def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[Any, int] | None = None) -> int:
     """Bytes of one planned tensor (a ``TensorQuant``) with its zero points: integer ones are 4-bit, two to a
-    byte (MatMulNBits, Core ML uint4 offsets); a reused Q4_1 grid's are floats as wide as its scales."""
+    byte (MatMulNBits, Core ML uint4 offsets); a reused Q4_1 grid's are floats as wide as its scales, or int8
+    block offsets where the target says so (``BLOCK_OFFSETS``)."""
     rows, cols = int(shape[0]), int(torch.Size(shape).numel()) // int(shape[0])
     head = min(q.int8_rows, rows)  # stored at int8 per row instead (TensorQuant.int8_rows)
     numel = (rows - head) * cols
@@ -117,7 +124,10 @@ def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[int, int] | None 
         total += tensor_bytes(head * cols, head, "int8_weight", None, scale_bytes)
     if q.asymmetric:
         groups = numel // (q.group_size or cols)
-        total += groups * (scale_bytes or {4: 2, 8: 4})[q.bits] if q.float_zero else (groups + 1) // 2
+        if q.float_zero and scale_bytes and scale_bytes.get(BLOCK_OFFSETS):  # Core ML: int8 per block, fp16 per row
+            total += offset_form_bytes(rows - head, cols, q.group_size or cols)
+        else:
+            total += groups * (scale_bytes or {4: 2, 8: 4})[q.bits] if q.float_zero else (groups + 1) // 2
     return total
 
 

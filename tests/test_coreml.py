@@ -103,11 +103,12 @@ def test_int4_program_state_and_storage(exported: dict, models: dict[str, Path])
     assert plan["tensors"]["lm_head.weight"]["int8_rows"] == VOCAB // 8  # the default, capped for a tiny vocab
     blobs = manifest["storage"]["blobs"]
     tie = [b for b in blobs if b["serves"] == ["embed_tokens.weight", "lm_head.weight"]]
-    # the int8 head rows (data + scales) and the 4-bit rest (data + fp16 scales + int4 offsets), each stored once
-    # for both the gather and the head
-    assert len(tie) == 5
+    # the int8 head rows (data + scales) and the symmetric 4-bit rest (data + fp16 scales), each stored once for
+    # both the gather and the head; the table is stored rotated, and the rotation's factors are tiny consts
+    assert len(tie) == 4 and plan["tie_rotation"]["kind"] == "hadamard"
+    assert not plan["tensors"]["lm_head.weight"]["asymmetric"]
     dim = 128  # the "ls" model's hidden size
-    assert sum(b["bytes"] for b in tie) < 1.05 * (VOCAB // 8 * (dim + 2) + VOCAB * 7 // 8 * dim * 4.625 / 8)
+    assert sum(b["bytes"] for b in tie) < 1.05 * (VOCAB // 8 * (dim + 2) + VOCAB * 7 // 8 * dim * 4.5 / 8)
     block = [b for b in blobs if any(s.startswith("layers.0.self_attn.q_proj") for s in b["serves"])]
     assert block and all(s.endswith("(executed layers 0, 1)") for b in block for s in b["serves"])
     assert manifest["storage"]["duplicated_bytes"] == 0
@@ -204,12 +205,14 @@ def test_palettized_package_runs_in_the_interpreter(models: dict[str, Path], tmp
     assert cos.min() > 0.9, cos
 
 
-def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
-    """Issue #8's lossless re-export on Core ML: each Q4_1 block becomes constexpr_blockwise_shift_scale with the
-    GGUF's own 4-bit values, its fp16 scale, and an fp16 offset (the fractional zero point) that expands back to
-    the source weights; the interpreter then runs the package like the eager reference."""
-    from coremltools.converters.mil.mil import types
+def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path: Path) -> None:
+    """Issue #8's re-export of a Q4_1 body on Core ML (quantize/block_offsets.py): each block's GGUF 4-bit values
+    and fp16 scale as constexpr_blockwise_shift_scale with no offset, and the blocks' offsets (−d·zero) as an int8
+    [rows, blocks] weight of a second Linear over block sums. Main plus offsets is the source weight to within an
+    int8 step of each row's offsets; the interpreter runs the package like the eager twin validate builds."""
+    from mlexport.exporters.coreml import _SUFFIXES, offset_attr
     from mlexport.quantize import QuantPlan
+    from mlexport.quantize.block_offsets import block_offsets
     from mlexport.validate.drift import quantized_reference
     from mlexport.validate.mil_interpreter import MilInterpreter
     from test_sources import write_tiny_gguf
@@ -233,14 +236,24 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     program = MilInterpreter(artifact / PACKAGE_NAME)
     expanded = {}
     for op in program.function.operations:
-        if op.op_type == "constexpr_blockwise_shift_scale" and op.offset is not None and op.offset.dtype == types.fp16:
-            expanded[op.name] = np.asarray(op.materialized_val_inference(), np.float32)  # the reused Q4_1 blocks
-    assert len(expanded) == len(body)
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            assert op.offset is None  # no float zero points: the offsets are their own int8 weight
+            expanded[_SUFFIXES.sub("", op.name)] = np.asarray(op.materialized_val_inference(), np.float32)
     for key in body:
-        want = loaded.state_dict[key].numpy()
-        step = loaded.source_grids[key].scale.repeat_interleave(32, dim=1).numpy()
-        match = [v for v in expanded.values() if v.shape == want.shape and np.abs(v - want).max() <= 0.01 * step.max()]
-        assert match, key
+        grid = loaded.source_grids[key]
+        main = expanded[("model_" + key).replace(".", "_")]
+        np.testing.assert_allclose(main, (grid.qdata.float() * grid.scale.repeat_interleave(32, 1)).numpy(), rtol=1e-3)
+        offsets = expanded[offset_attr(key)]
+        stored = block_offsets(grid)
+        assert stored.qdata.dtype == torch.int8 and offsets.shape == tuple(grid.scale.shape)
+        np.testing.assert_allclose(offsets, stored.dequantize().numpy(), rtol=1e-3, atol=1e-7)
+        step = stored.scale.float().numpy()  # per row; RTN against an fp16-rounded scale can miss by > half
+        weight = main + np.repeat(offsets, 32, axis=1)
+        fp16 = (np.abs(main) + np.abs(weight - main)) * 2.0**-11 + 1e-7  # both expand to fp16, as computed
+        assert (np.abs(weight - loaded.state_dict[key].numpy()) <= step + fp16).all(), key
+    sources = manifest["storage"]["blob_sources"].values()
+    assert any(s.startswith("layers.0.mlp.up_proj.weight#block offsets data") for uses in sources for s in uses)
+    assert manifest["accounting"]["within_slack"], manifest["accounting"]
     got = _interpreted(artifact)
     with torch.no_grad():
         ref = quantized_reference(loaded, manifest, max_context=64)(torch.tensor([TOKENS]))[0].numpy()
