@@ -304,7 +304,7 @@ def plan_for_target(
     plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, asymmetric)
     if target == "executorch":  # its tied head quantizes its input to int8: rotate the table (and the model)
         plan = plan_tie_rotation(model, plan)
-        plan = activation_smoothing(model, plan, loaded, opts, say)
+    plan = activation_smoothing(model, plan, loaded, opts, target, say)  # ExecuTorch 4-bit (smoothing_windows)
     vocab = int(model.lm_head.weight.shape[0]) if hasattr(model, "lm_head") else 0
     rows = 0 if opts.palettize else opts.tie_int8_rows  # a palette replaces the plan's linear quantization
     plan = tie_grid(plan, target, opts.group_size, vocab, rows)
@@ -325,22 +325,37 @@ def plan_for_target(
     return plan
 
 
-def activation_smoothing(model: Any, plan: Any, loaded: LoadedModel, opts: ExportOptions, say: Status) -> Any:
+def smoothing_windows(
+    model: Any, loaded: LoadedModel, opts: ExportOptions, target: str
+) -> tuple[list[list[int]] | None, str | None]:
+    """The calibration windows whose int8 activation ranges the smoothing measures, or None and why not (a plan
+    note; None when smoothing does not apply at all). One decision for the export and for ``--tie-mode auto``,
+    which must score the model the export builds."""
+    from mlexport.quantize.calibrate import calibration_set
+
+    if target != "executorch" or opts.quant != "4bit":  # only XNNPACK rounds every Linear's input to int8
+        return None, None
+    if opts.smooth is False:
+        return None, "int8 activations not smoothed (--no-smooth)"
+    if loaded.tokenizer_dir is None:
+        return None, "int8 activations not smoothed: measuring their ranges needs the model's tokenizer"
+    windows, _ = calibration_set(model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
+    return windows, None
+
+
+def activation_smoothing(
+    model: Any, plan: Any, loaded: LoadedModel, opts: ExportOptions, target: str, say: Status
+) -> Any:
     """XNNPACK rounds every Linear's input to int8 per token: fold group-constant factors into the norms and
     weights (quantize/smoothing.py), measured on the calibration text, before anything is quantized."""
-    from mlexport.quantize.calibrate import calibration_set
     from mlexport.quantize.smoothing import plan_smoothing
 
-    if opts.quant != "4bit":
-        return plan
-    if opts.smooth is False:
-        plan.notes.append("int8 activations not smoothed (--no-smooth)")
-        return plan
-    if loaded.tokenizer_dir is None:
-        plan.notes.append("int8 activations not smoothed: measuring their ranges needs the model's tokenizer")
+    windows, skipped = smoothing_windows(model, loaded, opts, target)
+    if skipped:
+        plan.notes.append(skipped)
+    if windows is None:
         return plan
     say("measuring the int8 activations' ranges for smoothing")
-    windows, _ = calibration_set(model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
     plan = plan_smoothing(model, plan, windows)
     if plan.smoothing is None:  # the factors must be constant over each quantization group: one size for all
         plan.notes.append("int8 activations not smoothed: the 4-bit Linears do not share one group size")
@@ -530,11 +545,7 @@ def choose_tie(
     with log.stage("tie_choice"):
         reference = build_decoder(loaded.spec, loaded.state_dict, max_context=CHOICE_TOKENS + 1)
         tokens = corpus_tokens(Tokenizer(loaded.tokenizer_dir))
-        windows = None
-        if target == "executorch" and opts.smooth is not False:  # as plan_for_target does (activation_smoothing)
-            from mlexport.quantize.calibrate import calibration_set
-
-            windows, _ = calibration_set(reference, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
+        windows, _ = smoothing_windows(reference, loaded, opts, target)  # the export's own decision
         choice = choose_tie_mode(
             reference,
             tokens,

@@ -1,6 +1,6 @@
 """The tied table's rotation (quantize/rotation.py): exact Hadamard factors, logits unchanged in fp32, the head's
 int8 activations helped where an outlier channel sets their range, and every path (plan, cache re-run, validate's
-reference, Core ML's refusal) sees the same rotated model."""
+reference, Core ML's graph) sees the same rotated model."""
 
 from __future__ import annotations
 
@@ -98,14 +98,24 @@ def test_the_rotation_lowers_the_heads_activation_error_where_an_outlier_channel
     assert rotated < 0.7 * plain, (plain, rotated)  # measured: 0.00162 -> 0.00085
 
 
-def test_core_ml_refuses_a_rotated_table(tiny: Path) -> None:
-    from mlexport.exporters.coreml import StatefulDecoder
+def test_core_ml_graph_undoes_a_rotated_table(tiny: Path) -> None:
+    """Core ML's traced wrapper (pipeline.coreml_tie_rotation stores its tie rotated) rotates the lookup's rows back
+    and the head's input, so in fp32 its logits are the unrotated model's, prefill and decode."""
+    from mlexport.exporters.coreml import StatefulDecoder, causal_mask
 
     loaded = load_model(str(tiny))
+    plain = build_decoder(loaded.spec, loaded.state_dict, max_context=32)
     model = build_decoder(loaded.spec, loaded.state_dict, max_context=32)
     plan_tie_rotation(model, plan_quantization(model, "4bit", 32, "shared8", True, "rtn"))
-    with pytest.raises(MlexportError, match="rotated"):
-        StatefulDecoder(model)
+    assert model.tie_rotation is not None
+    tokens = torch.randint(0, loaded.spec.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+    wrapper = StatefulDecoder(model).eval()
+    with torch.no_grad():
+        want = plain(tokens)[0]
+        got = [wrapper(tokens[:, :7].int(), torch.from_numpy(causal_mask(0, 7)).float())[0]]
+        got += [wrapper(tokens[:, i : i + 1].int(), torch.from_numpy(causal_mask(i, 1)).float())[0] for i in (7, 8, 9)]
+    # fp32 compute, fp16 KV caches in the wrapper: agreement to fp16 rounding, not bits
+    assert (torch.cat(got) - want).abs().max() <= 5e-3 * max(1.0, float(want.abs().max()))
 
 
 def test_tie_mode_auto_scores_the_rotated_table_the_export_would_store(tiny: Path) -> None:

@@ -88,6 +88,10 @@ def sweep(
         plan = plan_for_target(model, loaded, opts, target, _default_tie_mode("default", target), say, StageLog())
         size = stored_bytes(model, plan, target)["total"]
         values = compute_quantized(model, plan, loaded, None, say)
+        if target == "coreml":  # its Q4_1 grids keep their block offsets at int8, as the package stores them
+            from mlexport.quantize.block_offsets import as_coreml_stores
+
+            values = as_coreml_stores(values)
         if opts.quant != "fp32":
             apply_plan(model, plan, values)
         say(f"{label}: scoring")
