@@ -62,6 +62,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     layouts = [
         ("int8 offsets per row", False, True, (1000,)),
+        ("int8 offsets per row", False, False, (1000,)),
         ("exact (fp16 zero points)", True, True, (1000,)),
         ("int8 offsets per row", True, True, (0, 500, 1000)),
         ("int8 offsets per row", True, False, (0, 500, 1000)),

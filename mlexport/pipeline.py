@@ -402,10 +402,10 @@ def coreml_tie_rotation(model: Any, plan: Any, asymmetric: bool | None) -> Any:
 
     Why: the tie serves both the lookup and every logit, and its 4-bit error decides most greedy flips. Rotated,
     its rows have no outlier columns, so GPTQ's 4-bit grid fits them better. On the demo (eager, six chat prompts
-    x 64 tokens, greedy top-1 agreement with fp32; the body's Q4_1 grid kept with int8 block offsets) the rotated
-    tie with 1,000 int8 rows gave 95.3% with zero points and 93.0% symmetric, against 92.2% for the same tie not
-    rotated. Zero points cost 0.43 MB that the 80 MB weight.bin does not have beside the whole body's grid; the
-    runtime cost is two 24 x 24 matmul pairs per token."""
+    x 64 tokens, greedy top-1 agreement with fp32; the body's Q4_1 grid kept with int8 block offsets; 1,000 int8
+    tie rows; benchmarks/coreml_layouts.py) rotating took the tie from 91.1% to 93.2% symmetric and from 93.5% to
+    95.1% with zero points. Zero points cost 0.43 MB that the 80 MB weight.bin does not have beside the whole
+    body's grid; the runtime cost is two pairs of 24 x 24 matmuls per token."""
     head = plan.tensors.get("lm_head.weight")
     if plan.tie_mode != "shared4" or head is None or head.bits != 4 or head.shares:
         return plan

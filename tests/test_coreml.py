@@ -258,3 +258,10 @@ def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path:
     with torch.no_grad():
         ref = quantized_reference(loaded, manifest, max_context=64)(torch.tensor([TOKENS]))[0].numpy()
     assert np.abs(got - ref).max() <= 2e-2 * max(1.0, np.abs(ref).max())
+    # the drift report does not call these blocks lossless: their offsets were rounded
+    from mlexport.validate.pipeline import run_validation
+
+    result, _ = run_validation([artifact], str(tmp_path / "m.gguf"), tmp_path / "report", max_tokens=32, window=16)
+    assert result["artifacts"][0]["source_grid_reused"]["offsets"] == "int8 per row"
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "block offsets rounded to int8 per row" in text and "lossless" not in text

@@ -82,7 +82,7 @@ def run_validation(
             "size_bytes": sum(f["bytes"] for f in manifest["files"] if not f["path"].startswith("tokenizer")),
             "runtime_seconds": round(seconds, 2),
             "levels": {"total": total, "export": export_level, "quant": quant_level},
-            "source_grid_reused": report.reused_grids(manifest["quant_plan"]),
+            "source_grid_reused": report.reused_grids(manifest["quant_plan"], manifest["target"]),
             "notes": notes,
             "histogram": report.histogram(tok["kld"]),
             "per_position": report.per_position(tok["kld"], positions),

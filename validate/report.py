@@ -80,16 +80,20 @@ def baseline_deltas(entry: dict[str, Any], baseline: dict[str, Any]) -> dict[str
     return None
 
 
-def reused_grids(plan: dict[str, Any]) -> dict[str, Any] | None:
+def reused_grids(plan: dict[str, Any], target: str | None = None) -> dict[str, Any] | None:
     """How much of the artifact is the source's own grid re-exported unchanged (e.g. GGUF Q4_1 blocks): their
-    drift is the source's, not our quantizer's, and the report must say so."""
+    drift is the source's, not our quantizer's, and the report must say so. Core ML keeps a Q4_1 grid's 4-bit
+    values and scales but rounds its block offsets to int8 (quantize/block_offsets.py): nearly, not exactly."""
     tensors = plan.get("tensors", {})
     reused = sorted(n for n, q in tensors.items() if q.get("method") == "source")
     if not reused:
         return None
     quantized = [n for n, q in tensors.items() if q.get("bits", 32) < 16 and not q.get("shares")]
     kinds = sorted({tensors[n].get("source") for n in reused})
-    return {"types": kinds, "tensors": len(reused), "of_quantized": len(quantized)}
+    found = {"types": kinds, "tensors": len(reused), "of_quantized": len(quantized)}
+    if target == "coreml" and "Q4_1" in kinds:
+        found["offsets"] = "int8 per row"
+    return found
 
 
 def histogram(kld: np.ndarray, bins: int = 30) -> dict[str, list[float]]:
@@ -166,12 +170,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     for e in report["artifacts"]:
         if e.get("source_grid_reused"):
             r = e["source_grid_reused"]
-            lines += [
-                "",
-                f"**{e['name']}: {r['tensors']} of its {r['of_quantized']} quantized tensors re-export the source's "
-                f"own {'/'.join(r['types'])} grid unchanged** (lossless; the reference is that grid dequantized). "
-                "Their share of the drift above is zero by construction, not a property of mlexport's quantizers.",
-            ]
+            head = f"**{e['name']}: {r['tensors']} of its {r['of_quantized']} quantized tensors re-export the source's"
+            if r.get("offsets"):
+                lines += [
+                    "",
+                    f"{head} own {'/'.join(r['types'])} grid** (the reference is that grid dequantized): its 4-bit "
+                    f"values and scales unchanged, its block offsets rounded to {r['offsets']}. Their share of the "
+                    "drift above is that rounding alone, not a property of mlexport's quantizers.",
+                ]
+            else:
+                lines += [
+                    "",
+                    f"{head} own {'/'.join(r['types'])} grid unchanged** (lossless; the reference is that grid "
+                    "dequantized). Their share of the drift above is zero by construction, not a property of "
+                    "mlexport's quantizers.",
+                ]
     notes = [n for e in report["artifacts"] for n in e.get("notes", [])]
     if notes:
         lines += ["", *[f"**Note:** {n}." for n in notes]]
