@@ -164,8 +164,8 @@ ROPE_SPLIT = 64
 
 
 def rope_tables(model: Decoder) -> dict[str, torch.Tensor]:
-    """The two small cos/sin tables ``StatefulDecoder._rope`` combines (float64 angles, stored at the model's
-    float width; the converter makes them fp16)."""
+    """The two small cos/sin tables ``StatefulDecoder._rope`` combines: angles in float64, tables in fp32 (an fp16
+    program stores them as fp16 consts)."""
     inv_freq = model.rope_inv_freq.double()
     coarse = torch.arange(0, -(-model.max_context // ROPE_SPLIT), dtype=torch.float64) * ROPE_SPLIT
     fine = torch.arange(ROPE_SPLIT, dtype=torch.float64)
