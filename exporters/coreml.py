@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from mlexport.quantize import QuantPlan
 from mlexport.quantize.algorithms import QuantizedWeight
-from mlexport.quantize.block_offsets import block_offsets, has_float_zero
+from mlexport.quantize.block_offsets import block_offsets, float_zero_grids
 from torch import nn
 
 from mlexport.errors import MlexportError
@@ -255,8 +255,7 @@ def convert(
 
 def float_zero_offsets(quantized: dict[str, Any]) -> dict[str, QuantizedWeight]:
     """Each reused Q4_1 grid's block offsets at int8 (quantize/block_offsets.py), by weight name."""
-    grids = {n: qw for n, qw in quantized.items() if isinstance(qw, QuantizedWeight) and has_float_zero(qw)}
-    return {n: block_offsets(qw) for n, qw in grids.items()}
+    return {n: block_offsets(qw) for n, qw in float_zero_grids(quantized).items()}
 
 
 def compress(mlmodel: Any, plan: QuantPlan, palettize: int | None, status: Any = None) -> Any:

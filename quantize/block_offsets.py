@@ -44,12 +44,17 @@ def with_rounded_offsets(qw: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(qw, zero_point=zero)
 
 
-def as_coreml_stores(quantized: dict[str, Any]) -> dict[str, Any]:
-    """``quantized`` with every reused Q4_1 grid's offsets rounded as Core ML stores them: the eager twin's values."""
-    return {
-        n: with_rounded_offsets(v) if isinstance(v, QuantizedWeight) and has_float_zero(v) else v
-        for n, v in quantized.items()
-    }
+def float_zero_grids(values: dict[str, Any]) -> dict[str, QuantizedWeight]:
+    """The reused Q4_1 grids among a plan's quantized values, by weight name."""
+    return {n: v for n, v in values.items() if isinstance(v, QuantizedWeight) and has_float_zero(v)}
+
+
+def as_target_stores(values: dict[str, Any], target: str) -> dict[str, Any]:
+    """A plan's quantized values as ``target`` stores them: on Core ML each reused Q4_1 grid's offsets rounded to
+    int8 (what the eager twin validate builds and ``quantize-sweep`` scores must run); elsewhere unchanged."""
+    if target != "coreml":
+        return values
+    return {**values, **{n: with_rounded_offsets(v) for n, v in float_zero_grids(values).items()}}
 
 
 def offset_form_bytes(rows: int, cols: int, group: int) -> int:

@@ -114,11 +114,9 @@ def quantized_reference(loaded: LoadedModel, manifest: dict[str, Any], max_conte
     quantized = prepare(
         model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, source_grids=loaded.source_grids
     )
-    if manifest.get("target") == "coreml":  # its Q4_1 grids keep their block offsets at int8
-        from mlexport.quantize.block_offsets import as_coreml_stores
+    from mlexport.quantize.block_offsets import as_target_stores
 
-        quantized = as_coreml_stores(quantized)
-    return apply_plan(model, plan, quantized)
+    return apply_plan(model, plan, as_target_stores(quantized, manifest.get("target", "")))
 
 
 def compare(ref: np.ndarray, test: np.ndarray, targets: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

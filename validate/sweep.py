@@ -63,6 +63,7 @@ def sweep(
     """One row per preset of SWEEP_ROWS. ``corpus``, ``window`` and ``score_from`` mean what they mean for
     ``mlexport validate``, so a held-out text scores the presets under the same protocol (llama.cpp's:
     ``window=512, score_from=255``)."""
+    from mlexport.quantize.block_offsets import as_target_stores
     from mlexport.quantize.torchao_map import apply_plan
 
     from mlexport.pipeline import _default_tie_mode
@@ -88,10 +89,7 @@ def sweep(
         plan = plan_for_target(model, loaded, opts, target, _default_tie_mode("default", target), say, StageLog())
         size = stored_bytes(model, plan, target)["total"]
         values = compute_quantized(model, plan, loaded, None, say)
-        if target == "coreml":  # its Q4_1 grids keep their block offsets at int8, as the package stores them
-            from mlexport.quantize.block_offsets import as_coreml_stores
-
-            values = as_coreml_stores(values)
+        values = as_target_stores(values, target)  # Core ML's Q4_1 grids keep their block offsets at int8
         if opts.quant != "fp32":
             apply_plan(model, plan, values)
         say(f"{label}: scoring")
