@@ -163,6 +163,11 @@ class StatefulDecoder(nn.Module):
 ROPE_SPLIT = 64
 
 
+def rope_table_bytes(max_context: int, head_dim: int) -> int:
+    """What ``rope_tables`` stores in an fp16 program: cos and sin, coarse and fine rows of head_dim each."""
+    return 2 * (-(-max_context // ROPE_SPLIT) + ROPE_SPLIT) * head_dim * 2
+
+
 def rope_tables(model: Decoder) -> dict[str, torch.Tensor]:
     """The two small cos/sin tables ``StatefulDecoder._rope`` combines: angles in float64, tables in fp32 (an fp16
     program stores them as fp16 consts)."""
@@ -346,8 +351,7 @@ def set_quantized_weights(
                         float_type = op.outputs[0].val.dtype
                         offset = None
                         if qw.zero_point is not None and owner not in offsets:  # GPTQ's integer zero points
-                            zero = qw.zero_point.numpy()
-                            offset = zero.astype(float_type if qw.zero_point.is_floating_point() else int_type)
+                            offset = qw.zero_point.numpy().astype(int_type)  # (float ones became `offsets`)
                         new = mb.constexpr_blockwise_shift_scale(
                             data=qw.qdata.numpy().astype(int_type),
                             scale=qw.scale.numpy().astype(float_type),

@@ -59,11 +59,10 @@ def stored_bytes(model: Any, plan: Any, target: str) -> dict[str, int]:
     """The plan's predicted bytes in ``target``'s storage: its scale width and the RoPE table it keeps (ONNX:
     fp32 cos/sin caches of half the head dim; Core ML: two small fp16 tables, see exporters/coreml.py's
     rope_tables; ExecuTorch: none, see Decoder.rope)."""
-    from mlexport.exporters.coreml import ROPE_SPLIT
+    from mlexport.exporters.coreml import rope_table_bytes
 
     positions, head_dim = model.max_context, model.spec.head_dim
-    coreml_rows = -(-positions // ROPE_SPLIT) + ROPE_SPLIT
-    rope = {"executorch": 0, "onnx": 2 * positions * head_dim // 2 * 4, "coreml": 2 * coreml_rows * head_dim * 2}
+    rope = {"executorch": 0, "onnx": 2 * positions * head_dim // 2 * 4, "coreml": rope_table_bytes(positions, head_dim)}
     return predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target], rope_table_bytes=rope[target])
 
 

@@ -23,6 +23,8 @@ import torch
 from mlexport.quantize.algorithms import QuantizedWeight, rtn
 
 OFFSET_BITS = 8
+# The targets that store a reused Q4_1 grid this way (the others keep its float zero points as they are).
+OFFSET_TARGETS = ("coreml",)
 
 
 def has_float_zero(qw: QuantizedWeight) -> bool:
@@ -52,7 +54,7 @@ def float_zero_grids(values: dict[str, Any]) -> dict[str, QuantizedWeight]:
 def as_target_stores(values: dict[str, Any], target: str) -> dict[str, Any]:
     """A plan's quantized values as ``target`` stores them: on Core ML each reused Q4_1 grid's offsets rounded to
     int8 (what the eager twin validate builds and ``quantize-sweep`` scores must run); elsewhere unchanged."""
-    if target != "coreml":
+    if target not in OFFSET_TARGETS:
         return values
     return {**values, **{n: with_rounded_offsets(v) for n, v in float_zero_grids(values).items()}}
 

@@ -118,6 +118,20 @@ def test_core_ml_graph_undoes_a_rotated_table(tiny: Path) -> None:
     assert (torch.cat(got) - want).abs().max() <= 5e-3 * max(1.0, float(want.abs().max()))
 
 
+def test_core_ml_refuses_a_palette_on_a_rotated_table(tiny: Path) -> None:
+    """A palette would quantize the rotated table with coremltools' k-means, never the values the plan rotated;
+    the pipeline does not rotate for --palettize, and convert refuses the combination before tracing."""
+    from mlexport.exporters.coreml import convert
+
+    from mlexport.artifacts import StageLog
+
+    loaded = load_model(str(tiny))
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=32)
+    plan = plan_tie_rotation(model, plan_quantization(model, "4bit", 32, "shared8", True, "rtn"))
+    with pytest.raises(MlexportError, match="rotated tied table needs mlexport's own quantized values"):
+        convert(model, plan, StageLog(), palettize=4)
+
+
 def test_tie_mode_auto_scores_the_rotated_table_the_export_would_store(tiny: Path) -> None:
     """``--tie-mode auto`` on ExecuTorch measures shared8 as exported: rotated (recorded per candidate)."""
     from mlexport.quantize.tie_choice import choose_tie_mode

@@ -91,7 +91,9 @@ def reused_grids(plan: dict[str, Any], target: str | None = None) -> dict[str, A
     quantized = [n for n, q in tensors.items() if q.get("bits", 32) < 16 and not q.get("shares")]
     kinds = sorted({tensors[n].get("source") for n in reused})
     found = {"types": kinds, "tensors": len(reused), "of_quantized": len(quantized)}
-    if target == "coreml" and "Q4_1" in kinds:
+    from mlexport.quantize.block_offsets import OFFSET_TARGETS
+
+    if target in OFFSET_TARGETS and "Q4_1" in kinds:
         found["offsets"] = "int8 per row"
     return found
 
