@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mlexport.artifacts import write_bytes_atomic
 from mlexport.model import Decoder
@@ -68,6 +70,7 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
     from torch.export import Dim, export
 
     logging.getLogger("executorch").setLevel(logging.ERROR)
+    offset_linears = attach_block_offsets(model)
     max_context = model.max_context
     tokens = torch.zeros((1, 2), dtype=torch.long)
     input_pos = torch.tensor([0], dtype=torch.long)
@@ -107,7 +110,72 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
         write_bytes_atomic(out_dir / PTE_NAME, et_program.buffer)
         if share_tied:
             et_program.write_tensor_data_to_file(str(out_dir))
-    return {**delegation_report(et_program.exported_program().graph), "blob_sources": blob_sources}
+    report = delegation_report(et_program.exported_program().graph)
+    return {**report, "block_offset_linears": offset_linears, "blob_sources": blob_sources}
+
+
+class OffsetLinear(nn.Linear):
+    """A reused Q4_1 grid on XNNPACK, which has no zero points: ``w = d·q + B`` with ``B`` constant per block, so
+    ``x·wᵀ = x·(d·q)ᵀ + blocksum(x)·Bᵀ``: the int4 blocks as 8da4w, plus a 32x smaller 8da8w Linear over the
+    sums of x's blocks (quantize/block_offsets.py). The sums are a Linear too (a 0/1 matrix shared by every
+    Linear of one width), so all of it stays inside XNNPACK."""
+
+    offsets: nn.Linear
+    block_sum: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.offsets(self.block_sum(x))
+
+
+def attach_block_offsets(model: nn.Module) -> int:
+    """Turn every Linear whose 4-bit weight has float zero points (a reused Q4_1 grid) into an ``OffsetLinear``;
+    return how many. The offsets are rounded to int8 per row, as validate's twin rounds them
+    (block_offsets.as_target_stores)."""
+    from mlexport.quantize import TensorQuant
+    from mlexport.quantize.algorithms import QuantizedWeight
+    from mlexport.quantize.block_offsets import block_offsets, has_float_zero
+    from mlexport.quantize.torchao_map import to_torchao
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    sums: dict[tuple[int, int], nn.Parameter] = {}  # one 0/1 matrix per (width, block): XNNPACK stores it once
+    converted: set[int] = set()
+    for module in list(model.modules()):
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or id(module) in converted:
+            continue
+        data = weight.data if isinstance(weight, nn.Parameter) else weight
+        if not isinstance(data, IntxUnpackedToInt8Tensor) or data.target_dtype != torch.int4:
+            continue
+        group = int(data.block_size[1])
+        grid = QuantizedWeight(data.qdata, data.scale.float(), data.zero_point, 4, group)
+        if not has_float_zero(grid):
+            continue
+        cols = int(data.shape[1])
+        main = QuantizedWeight(data.qdata, data.scale.float(), None, 4, group)
+        dtype = data.dtype
+        module.weight = nn.Parameter(to_torchao(main, TensorQuant("int4_dynact", 4, group), dtype), requires_grad=False)
+        offsets = nn.Linear(cols // group, int(data.shape[0]), bias=False)
+        stored = block_offsets(grid)
+        offsets.weight = nn.Parameter(
+            to_torchao(stored, TensorQuant("int8_dynact", 8, stored.group_size), dtype), requires_grad=False
+        )
+        if (cols, group) not in sums:
+            ones = torch.zeros(cols // group, cols, dtype=dtype)
+            ones[torch.arange(cols) // group, torch.arange(cols)] = 1.0
+            sums[(cols, group)] = nn.Parameter(ones, requires_grad=False)
+        block_sum = nn.Linear(cols, cols // group, bias=False)
+        block_sum.weight = sums[(cols, group)]
+        module.offsets, module.block_sum = offsets, block_sum
+        module.__class__ = OffsetLinear
+        converted.add(id(module))
+    return len(converted)
+
+
+def block_sum_bytes(widths: set[tuple[int, int]]) -> int:
+    """The fp32 0/1 block-sum matrices OffsetLinear adds, one per (input width, block size)."""
+    return sum(cols * (cols // group) * 4 for cols, group in widths)
 
 
 @contextmanager

@@ -47,7 +47,11 @@ def _quiet_libraries() -> None:
         "  mlexport export --target executorch --quant 4bit\n\n"
         "  mlexport export --model ./MobileLLM-125M --target executorch --quant 8bit -o build/m125\n\n"
         "  mlexport export --model SmolLM2-135M-Instruct.Q4_1.gguf --quant fp32 --force\n\n"
-        "  mlexport export --target all --quant 4bit        # .pte, .onnx and .mlpackage in out/demo-*-4bit/"
+        "  mlexport export --target all --quant 4bit        # .pte, .onnx and .mlpackage in out/demo-*-4bit/\n\n"
+        "  mlexport export --model ./MobileLLM-350M --effort max   # GPTQ + end-to-end tuning: slow, least drift\n\n"
+        "Effort (4bit): fast = round to nearest, no calibration (seconds); default = GPTQ + mixed precision, a Q4 "
+        "GGUF's own grid reused (minutes; the demo's .pte ~4 min on 2 cores); max = default + end-to-end scale "
+        "tuning (~30-40 min for a 135M model on 2 cores, then cached)."
     )
 )
 def export(
@@ -95,14 +99,15 @@ def export(
         None,
         "--size-budget",
         help="4-bit only: total MB the artifact may grow to by upgrading the most sensitive tensors (8 bits, or "
-        "the source's own grid) [default: 1.25% over all-4-bit for executorch, 9% for onnx, 3.4% for coreml; "
+        "the source's own grid) [default: 6% over all-4-bit for executorch, 9.5% for onnx, 5.2% for coreml; "
         "0 = no mixed precision]",
     ),
     reuse_source_grid: bool | None = typer.Option(
         None,
         "--reuse-source-grid/--no-reuse-source-grid",
-        help="a GGUF's Q4_0/Q4_1 blocks as upgrades, re-exported exactly: onnx, coreml [default: on for coreml; "
-        "off for onnx, where the exact Q4_1 offsets cost ~35% of decode speed]",
+        help="a GGUF's Q4_0/Q4_1 blocks as upgrades, re-exported as stored (Q4_1 offsets at int8 on executorch "
+        "and coreml) [default: on for executorch and coreml; off for onnx, where the exact Q4_1 offsets cost ~35% "
+        "of decode speed]",
     ),
     tie_int8_rows: int | None = typer.Option(
         None,
@@ -114,8 +119,14 @@ def export(
         None,
         "--tune-scales/--no-tune-scales",
         help="4-bit GPTQ: tune every group scale and norm gain end to end against the fp32 logits (integers and "
-        "size unchanged; ~17 min on the demo on 2 cores, then cached) "
-        "[default: on for executorch, off for onnx and coreml]",
+        "size unchanged; ~30 min on the demo on 2 cores, then cached) [default: on at --effort max]",
+    ),
+    effort: str = typer.Option(
+        "default",
+        "--effort",
+        "-e",
+        help="4bit: fast (round to nearest, no calibration) | default (GPTQ + mixed precision; a Q4 GGUF's own "
+        "grid is reused) | max (default + end-to-end scale tuning, ~10x the time)",
     ),
     smooth: bool | None = typer.Option(
         None,
@@ -125,58 +136,122 @@ def export(
     ),
 ) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from mlexport.pipeline import ExportOptions, run_export, validate_options
 
     opts = ExportOptions(
-        model,
-        target,
-        quant,
-        output,
-        force,
-        max_context,
-        group_size,
-        tie_mode,
-        accuracy_level,
-        palettize,
-        quantizer,
-        asymmetric,
-        calibration,
-        size_budget,
-        reuse_source_grid,
-        tie_int8_rows,
-        tune_scales,
-        smooth,
+        model=model,
+        target=target,
+        quant=quant,
+        out=output,
+        force=force,
+        max_context=max_context,
+        group_size=group_size,
+        tie_mode=tie_mode,
+        accuracy_level=accuracy_level,
+        palettize=palettize,
+        quantizer=quantizer,
+        asymmetric=asymmetric,
+        calibration=calibration,
+        size_budget_mb=size_budget,
+        tie_int8_rows=tie_int8_rows,
+        reuse_source_grid=reuse_source_grid,
+        tune_scales=tune_scales,
+        smooth=smooth,
+        effort=effort,
     )
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()
     started = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("starting", total=None)
-        last = {"text": "", "t": time.perf_counter()}
-
-        def status(text: str) -> None:
-            if text.startswith("progress:"):  # a count inside the current step: update it, no new line
-                bar.update(task, description=text.removeprefix("progress:"))
-                return
-            if text.startswith("warning:"):
-                bar.console.print(f"[yellow]{text}[/]")
-                return
-            if last["text"]:
-                bar.console.print(f"[green]✓[/] {last['text']} [dim]({time.perf_counter() - last['t']:.1f}s)[/]")
-            last.update(text=text, t=time.perf_counter())
-            bar.update(task, description=text)
-
+    with StepProgress(console) as status:
         dirs = run_export(opts, status)
-        status("done")
     for directory in dirs:
         manifest = json.loads((directory / "manifest.json").read_text())
         total = sum(f["bytes"] for f in manifest["files"] if not f["path"].startswith("tokenizer"))
         console.print(
             f"[bold green]wrote[/] {directory}  [dim]({total / 1e6:.1f} MB model, "
-            f"{time.perf_counter() - started:.0f}s)[/]"
+            f"{time.perf_counter() - started:.0f}s, effort {manifest.get('effort', 'default')})[/]"
         )
+        console.print(_stage_summary(manifest.get("stages", [])))
+
+
+def _stage_summary(stages: list[dict[str, Any]]) -> str:
+    """One line: each stage's wall time, then the export's peak RSS."""
+    parts = [f"{s['name']} {s['seconds']:.0f}s" for s in stages]
+    peak = max((s.get("peak_rss_mb", 0) for s in stages), default=0)
+    return f"[dim]stages: {', '.join(parts)}; peak RSS {peak / 1024:.2f} GB[/]"
+
+
+class StepProgress:
+    """The export's status lines as a rich display: each step's line is ticked off with its time when the next
+    starts, and a step that reports counts (``progress:LABEL: unit 12/30``) gets a determinate bar with an ETA."""
+
+    def __init__(self, stream: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=stream,
+        )
+        self.task: Any = None
+        self.last = {"text": "", "t": time.perf_counter()}
+        self.counting = ""
+
+    def __enter__(self) -> StepProgress:
+        self.bar.__enter__()
+        self.task = self.bar.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self("done")
+        self.bar.__exit__(*exc)
+
+    def __call__(self, text: str) -> None:
+        if text.startswith("progress:"):  # a count inside the current step: move its bar, no new line
+            label, done, total = parse_progress(text)
+            if total:
+                if label != self.counting:  # a new count restarts the bar, so its ETA is its own
+                    self.bar.reset(self.task, total=total, completed=done, description=label)
+                    self.counting = label
+                else:
+                    self.bar.update(self.task, total=total, completed=done, description=label)
+            else:
+                self.bar.update(self.task, description=label)
+            return
+        if text.startswith("warning:"):
+            self.bar.console.print(f"[yellow]{text}[/]")
+            return
+        if self.last["text"]:
+            elapsed = time.perf_counter() - self.last["t"]
+            self.bar.console.print(f"[green]✓[/] {self.last['text']} [dim]({elapsed:.1f}s)[/]")
+        self.last.update(text=text, t=time.perf_counter())
+        self.counting = ""
+        self.bar.reset(self.task, total=None, description=text)
+
+
+def parse_progress(text: str) -> tuple[str, int, int | None]:
+    """``progress:GPTQ: block 12/30`` -> ("GPTQ: block", 12, 30); a line without a count keeps total None."""
+    import re
+
+    body = text.removeprefix("progress:")
+    match = re.search(r"(\d+)/(\d+)\s*$", body)
+    if not match:
+        return body, 0, None
+    return body[: match.start()].rstrip(), int(match.group(1)), int(match.group(2))
 
 
 @app.command()

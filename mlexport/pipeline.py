@@ -51,8 +51,13 @@ TARGET_PRESETS = {"executorch": PRESETS, "onnx": PRESETS, "coreml": PRESETS}
 # Bytes per quantization scale as each runtime stores them: XNNPACK keeps int4 group scales as bf16 and int8
 # scales as fp32; MatMulNBits scales take the activation dtype (fp32 here), but the file stores them as fp16 behind a
 # Cast that onnxruntime folds at load (exporters/onnx.py: GraphWriter.fp16_const).
-# Core ML also keeps a reused Q4_1 grid's zero points as int8 block offsets (BLOCK_OFFSETS; quantize/block_offsets.py).
-SCALE_BYTES = {"executorch": {4: 2, 8: 4}, "onnx": {4: 2, 8: 2}, "coreml": {4: 2, 8: 2, BLOCK_OFFSETS: 1}}
+# ExecuTorch and Core ML keep a reused Q4_1 grid's zero points as int8 block offsets (BLOCK_OFFSETS: the width of
+# their per-row scale; quantize/block_offsets.py).
+SCALE_BYTES = {
+    "executorch": {4: 2, 8: 4, BLOCK_OFFSETS: 4},
+    "onnx": {4: 2, 8: 2},
+    "coreml": {4: 2, 8: 2, BLOCK_OFFSETS: 2},
+}
 
 
 def stored_bytes(model: Any, plan: Any, target: str) -> dict[str, int]:
@@ -60,10 +65,17 @@ def stored_bytes(model: Any, plan: Any, target: str) -> dict[str, int]:
     fp32 cos/sin caches of half the head dim; Core ML: two small fp16 tables, see exporters/coreml.py's
     rope_tables; ExecuTorch: none, see Decoder.rope)."""
     from mlexport.exporters.coreml import rope_table_bytes
+    from mlexport.exporters.executorch import block_sum_bytes
 
     positions, head_dim = model.max_context, model.spec.head_dim
-    rope = {"executorch": 0, "onnx": 2 * positions * head_dim // 2 * 4, "coreml": rope_table_bytes(positions, head_dim)}
-    return predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target], rope_table_bytes=rope[target])
+    shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    offset_widths = {(int(shapes[n][1]), q.group_size) for n, q in plan.tensors.items() if q.float_zero}
+    fixed = {
+        "executorch": block_sum_bytes(offset_widths),  # OffsetLinear's 0/1 block-sum matrices
+        "onnx": 2 * positions * head_dim // 2 * 4,
+        "coreml": rope_table_bytes(positions, head_dim),
+    }
+    return predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target], rope_table_bytes=fixed[target])
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -83,26 +95,30 @@ MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.095, "coreml": 0.052}
 # held-out text (GPL-3, llama.cpp protocol). Core ML with zero points scored better on corpus KLD, but it answered
 # the demo's Paris prompt wrongly where symmetric answers right, so it stays opt-in there.
 ASYMMETRIC_DEFAULT = {"executorch": False, "onnx": True, "coreml": False}
-# Source grids (GGUF types) each target executes exactly: MatMulNBits and Core ML's blockwise shift-scale take float
-# zero points (Q4_1) and the scales at the width the source stores them (fp16). XNNPACK has no zero points and keeps
-# bf16 scales, so nothing is exact there.
-EXACT_SOURCE_TYPES = {"executorch": (), "onnx": ("Q4_0", "Q4_1"), "coreml": ("Q4_0", "Q4_1")}
+# Source grids (GGUF types) each target re-exports: MatMulNBits and Core ML's blockwise shift-scale take the scales
+# at the width the source stores them (fp16); XNNPACK keeps them at bf16 (within 2^-9 of each scale). Q4_1's float
+# zero points become int8 block offsets on ExecuTorch and Core ML (quantize/block_offsets.py).
+EXACT_SOURCE_TYPES = {"executorch": ("Q4_0", "Q4_1"), "onnx": ("Q4_0", "Q4_1"), "coreml": ("Q4_0", "Q4_1")}
 # Whether a target reuses them by default. ONNX runs a Q4_1 grid as MatMulNBits plus a per-block offset term (float
 # zero points take a generic path 60x slower), and on the demo those extra nodes cost ~35% of decode speed against
 # the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
-# expands its constexpr weights when the model loads.
-REUSE_GRID_DEFAULT = {"executorch": False, "onnx": False, "coreml": True}
+# expands its constexpr weights when the model loads; ExecuTorch needs no calibration for a reused grid, which is
+# what makes its default export of a Q4 GGUF take minutes.
+REUSE_GRID_DEFAULT = {"executorch": True, "onnx": False, "coreml": True}
 # The tie's block size (with zero points) per target; see tie_grid.
 TIE_GRID = {"coreml": 32}
 # How many of the tie's first rows (the most frequent tokens) a 4-bit tie stores at int8 per row, per target; see
 # tie_grid. Paid from the MIXED_SLACK budget before the per-tensor upgrades.
 TIE_INT8_ROWS = {"coreml": 1000}
-# End-to-end scale tuning after GPTQ (quantize/tune.py) by default where the drift bar needs it: XNNPACK's symmetric
-# 4-bit weights. On the demo's exported .pte it moved KLD 0.0924 -> 0.0827 on the built-in corpus and
-# 0.1173 -> 0.1039 on held-out text (GPL-3, llama.cpp protocol; session 12), for ~6.5 minutes of the first export
-# of a plan on 2 cores (then cached). ONNX and Core ML already meet that bar with zero points and exact source
-# blocks: opt-in there.
-TUNE_DEFAULT_TARGETS = {"executorch": True, "onnx": False, "coreml": False}
+# How much work the 4-bit quantization may take (--effort); docs/quantization.md has the time/KLD table.
+# fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision (a reused source
+# grid needs neither). max: default plus end-to-end scale tuning (quantize/tune.py), ~10x the time.
+EFFORTS = ("fast", "default", "max")
+EFFORT_HELP = {
+    "fast": "round to nearest, no calibration (seconds of quantization)",
+    "default": "GPTQ + mixed precision; a Q4 GGUF's own grid is reused (minutes)",
+    "max": "default + end-to-end scale tuning (~30-40 min for a 135M model on 2 cores, then cached)",
+}
 
 Status = Callable[[str], None]
 
@@ -125,8 +141,9 @@ class ExportOptions:
     size_budget_mb: float | None = None  # 4-bit mixed precision cap; None = MIXED_SLACK over all-4-bit; 0 = off
     tie_int8_rows: int | None = None  # a 4-bit tie's first N rows at int8; None = the target's TIE_INT8_ROWS
     reuse_source_grid: bool | None = None  # exact GGUF blocks as upgrades; None = the target's REUSE_GRID_DEFAULT
-    tune_scales: bool | None = None  # end-to-end scale tuning after GPTQ; None = the target's TUNE_DEFAULT_TARGETS
+    tune_scales: bool | None = None  # end-to-end scale tuning after GPTQ; None = on at --effort max
     smooth: bool | None = None  # ExecuTorch's int8 activations smoothed (quantize/smoothing.py); None = on there
+    effort: str = "default"  # EFFORTS: how much calibration work the 4-bit quantization does
 
 
 def model_label(source: str) -> str:
@@ -143,6 +160,8 @@ def default_out_dir(opts: ExportOptions, target: str) -> Path:
 
 def validate_options(opts: ExportOptions) -> list[str]:
     """Check flags before the minutes of work start; return the targets to build."""
+    if opts.effort not in EFFORTS:
+        raise MlexportError(f"unknown --effort {opts.effort!r}; choose one of {', '.join(EFFORTS)}")
     if opts.quant not in PRESETS:
         raise MlexportError(f"unknown --quant {opts.quant!r}; choose one of {', '.join(PRESETS)}")
     targets = list(TARGETS) if opts.target == "all" else [opts.target]
@@ -159,11 +178,6 @@ def validate_options(opts: ExportOptions) -> list[str]:
         raise MlexportError("--palettize takes 1, 2, 3, 4, 6 or 8 bits and applies to --target coreml only")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
-    if opts.reuse_source_grid and "executorch" in targets:
-        raise MlexportError(
-            "--reuse-source-grid: XNNPACK has no zero points and keeps bf16 scales, so no GGUF grid runs exactly "
-            "there; drop the flag for --target executorch"
-        )
     if opts.asymmetric and "executorch" in targets:
         raise MlexportError(
             "--asymmetric: XNNPACK runs symmetric 4-bit weights only; drop the flag for --target executorch"
@@ -273,6 +287,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
             "manifest_version": MANIFEST_VERSION,
             "target": target,
             "quant": opts.quant,
+            "effort": opts.effort,
             "created_unix": int(started),
             "model": {"source": opts.model, **loaded.source, "spec": spec.to_dict()},
             "max_context": max_context,
@@ -314,7 +329,7 @@ def plan_for_target(
     if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
         plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
     plan = mixed_precision(model, plan, loaded, opts, target, say, log)
-    tune = TUNE_DEFAULT_TARGETS[target] if opts.tune_scales is None else opts.tune_scales
+    tune = opts.effort == "max" if opts.tune_scales is None else opts.tune_scales
     if tune and opts.quant == "4bit" and method == "gptq" and not opts.palettize:
         from mlexport.quantize.tune import TUNE_DEFAULT
 
@@ -336,6 +351,10 @@ def smoothing_windows(
         return None, None
     if opts.smooth is False:
         return None, "int8 activations not smoothed (--no-smooth)"
+    if opts.smooth is None and opts.effort == "fast":
+        return None, "int8 activations not smoothed (--effort fast)"
+    if reuses_source_grid(loaded, opts, target):  # smoothing rescales weights that must stay on the source's grid
+        return None, "int8 activations not smoothed: the 4-bit Linears reuse the source's grid"
     if loaded.tokenizer_dir is None:
         return None, "int8 activations not smoothed: measuring their ranges needs the model's tokenizer"
     windows, _ = calibration_set(model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
@@ -427,12 +446,27 @@ def weight_only(plan: Any) -> Any:
     return plan
 
 
+def reuses_source_grid(loaded: LoadedModel, opts: ExportOptions, target: str) -> bool:
+    """Whether the export re-exports the source's own 4-bit grids (a Q4_0/Q4_1 GGUF) where the target runs them."""
+    reuse = REUSE_GRID_DEFAULT[target] if opts.reuse_source_grid is None else opts.reuse_source_grid
+    kinds = EXACT_SOURCE_TYPES[target]
+    grids = loaded.source_grids.values()
+    return bool(reuse and opts.quant == "4bit" and any(_grid_kind(g) in kinds for g in grids))
+
+
+def _grid_kind(grid: Any) -> str | None:
+    if grid.bits != 4:
+        return None
+    return "Q4_0" if grid.zero_point is None else "Q4_1"
+
+
 def choose_quantizer(opts: ExportOptions, loaded: LoadedModel) -> str:
-    """``auto``: GPTQ at 4 bits (RTN loses most at 4 bits on small models), RTN at 8. GPTQ calibrates on text, so
-    a model without a tokenizer gets the data-free scale search instead (recorded in the plan's notes)."""
+    """``auto``: GPTQ at 4 bits (RTN loses most at 4 bits on small models), RTN at 8 and at ``--effort fast``.
+    GPTQ calibrates on text, so a model without a tokenizer gets the data-free scale search instead (recorded in
+    the plan's notes)."""
     wanted = opts.quantizer
     if wanted == "auto":
-        wanted = "gptq" if opts.quant == "4bit" else "rtn"
+        wanted = "gptq" if opts.quant == "4bit" and opts.effort != "fast" else "rtn"
     if wanted == "gptq" and loaded.tokenizer_dir is None:
         return "search"
     return wanted
@@ -448,9 +482,6 @@ def mixed_precision(
 
     if opts.quant != "4bit" or opts.size_budget_mb == 0:
         return plan
-    if loaded.tokenizer_dir is None:
-        plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
-        return plan
     all4 = stored_bytes(model, plan.without_int8_rows(), target)["total"]
     cap = opts.size_budget_mb * 1e6 if opts.size_budget_mb else all4 * (1 + MIXED_SLACK[target])
     base = stored_bytes(model, plan, target)["total"]  # the tie's int8 rows are paid first
@@ -459,6 +490,23 @@ def mixed_precision(
         what = "--size-budget" if opts.size_budget_mb else "the default size budget"
         rows = " (with the tie's int8 rows; lower --tie-int8-rows)" if base > all4 else ""
         plan.notes.append(f"{what} {cap / 1e6:.1f} MB is below the 4-bit size {base / 1e6:.1f} MB{rows}")
+        return plan
+    reuse = REUSE_GRID_DEFAULT[target] if opts.reuse_source_grid is None else opts.reuse_source_grid
+    grid_types = EXACT_SOURCE_TYPES[target] if reuse else ()
+    candidates = upgrade_candidates(plan)
+    exact = {
+        name: option
+        for name in candidates
+        if (option := exact_option(plan.tensors[name], loaded.source_grids.get(name), grid_types))
+    }
+    if candidates and len(exact) == len(candidates):  # nothing to rank when every source grid fits
+        unranked = dict.fromkeys(candidates, 0.0)
+        mixed, upgrades = choose_upgrades(model, plan, unranked, budget, SCALE_BYTES[target], None, exact)
+        if len(upgrades) == len(candidates):
+            return _record_mixed(mixed, upgrades, budget, cap, None, say)
+    if loaded.tokenizer_dir is None or opts.effort == "fast":
+        why = "--effort fast" if opts.effort == "fast" else "measuring sensitivity needs the model's tokenizer"
+        plan.notes.append(f"mixed precision skipped ({why})")
         return plan
     say("measuring each tensor's sensitivity (KLD with only it at 4 bits)")
 
@@ -470,22 +518,37 @@ def mixed_precision(
             model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, progress
         )
     int8_group = opts.group_size if target == "onnx" else None
-    reuse = REUSE_GRID_DEFAULT[target] if opts.reuse_source_grid is None else opts.reuse_source_grid
-    grid_types = EXACT_SOURCE_TYPES[target] if reuse else ()
-    exact = {
-        name: option
-        for name in sensitivity
-        if (option := exact_option(plan.tensors[name], loaded.source_grids.get(name), grid_types))
-    }
+    exact = {name: option for name, option in exact.items() if name in sensitivity}
     mixed, upgrades = choose_upgrades(model, plan, sensitivity, budget, SCALE_BYTES[target], int8_group, exact)
+    return _record_mixed(mixed, upgrades, budget, cap, sensitivity, say)
+
+
+def upgrade_candidates(plan: Any) -> list[str]:
+    """The 4-bit body tensors mixed precision may upgrade (the sensitivity pass measures the same ones)."""
+    return [n for n, q in plan.tensors.items() if q.bits == 4 and not q.shares and n.startswith("layers.")]
+
+
+def _record_mixed(
+    mixed: Any,
+    upgrades: list[dict[str, Any]],
+    budget: int,
+    cap: float,
+    sensitivity: dict[str, float] | None,
+    say: Status,
+) -> Any:
+    ranked = sensitivity is not None
     mixed.mixed = {
         "rule": "greedy by KLD-alone-at-4-bit per extra byte, within the budget; the upgrade is the source's own "
-        "grid where the target runs it exactly, else 8 bits",
+        "grid where the target runs it exactly, else 8 bits"
+        if ranked
+        else "every tensor reuses the source's own grid: it fits the budget, so nothing was ranked",
         "budget_bytes": budget,
         "cap_bytes": int(cap),
         "spent_bytes": sum(int(u["extra_bytes"]) for u in upgrades),
-        "sensitivity_sum": round(sum(sensitivity.values()), 6),
-        "upgrades": upgrades,
+        "sensitivity_sum": round(sum(sensitivity.values()), 6) if ranked else None,
+        "upgrades": upgrades
+        if ranked
+        else [{k: v for k, v in u.items() if k != "kld_alone_at_4bit"} for u in upgrades],
     }
     kinds = {}
     for u in upgrades:

@@ -124,8 +124,8 @@ def planned_tensor_bytes(shape: Any, q: Any, scale_bytes: dict[Any, int] | None 
         total += tensor_bytes(head * cols, head, "int8_weight", None, scale_bytes)
     if q.asymmetric:
         groups = numel // (q.group_size or cols)
-        if q.float_zero and scale_bytes and scale_bytes.get(BLOCK_OFFSETS):  # Core ML: int8 per block, fp16 per row
-            total += offset_form_bytes(rows - head, cols, q.group_size or cols)
+        if q.float_zero and scale_bytes and scale_bytes.get(BLOCK_OFFSETS):  # int8 per block, a scale per row
+            total += offset_form_bytes(rows - head, cols, q.group_size or cols, scale_bytes[BLOCK_OFFSETS])
         else:
             total += groups * (scale_bytes or {4: 2, 8: 4})[q.bits] if q.float_zero else (groups + 1) // 2
     return total

@@ -24,7 +24,7 @@ from mlexport.quantize.algorithms import QuantizedWeight, rtn
 
 OFFSET_BITS = 8
 # The targets that store a reused Q4_1 grid this way (the others keep its float zero points as they are).
-OFFSET_TARGETS = ("coreml",)
+OFFSET_TARGETS = ("coreml", "executorch")
 
 
 def has_float_zero(qw: QuantizedWeight) -> bool:
@@ -59,6 +59,7 @@ def as_target_stores(values: dict[str, Any], target: str) -> dict[str, Any]:
     return {**values, **{n: with_rounded_offsets(v) for n, v in float_zero_grids(values).items()}}
 
 
-def offset_form_bytes(rows: int, cols: int, group: int) -> int:
-    """The offsets' stored bytes for a [rows, cols] weight: an int8 per block and an fp16 scale per row."""
-    return rows * (cols // group) * OFFSET_BITS // 8 + rows * 2
+def offset_form_bytes(rows: int, cols: int, group: int, row_scale_bytes: int = 2) -> int:
+    """The offsets' stored bytes for a [rows, cols] weight: an int8 per block and a scale per row (Core ML fp16,
+    XNNPACK fp32)."""
+    return rows * (cols // group) * OFFSET_BITS // 8 + rows * row_scale_bytes

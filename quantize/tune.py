@@ -49,8 +49,7 @@ Progress = Callable[[int, int], None]  # (done, total) steps
 # it was tuned with); 1e-3 fitted the calibration text closer and held-out text less. Demo, eager, held-out GPL-3
 # KLD (llama.cpp protocol) from 2 epochs on 96 + 48 samples, scales only (0.1067): norm gains 0.1039; then 192
 # free-text samples 0.1027; scales only, 3 epochs 0.1032. Hence 3 epochs on 192 + 96 samples, gains included
-# (the conversations doubled with the free text, so their share stays at a third). Exported numbers and time:
-# pipeline.TUNE_DEFAULT_TARGETS.
+# (the conversations doubled with the free text, so their share stays at a third). It runs at --effort max.
 TUNE_DEFAULT: dict[str, Any] = {
     "method": "e2e-scales",
     "epochs": 3,

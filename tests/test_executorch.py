@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,48 @@ def test_dup4_duplication_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "lm_head.weight" in shown.stdout and "yes" in shown.stdout  # the duplicated column
     assert manifest["storage"]["duplicated_bytes"] > 0
+
+
+def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path: Path) -> None:
+    """A Q4_1 GGUF's body on XNNPACK, which has no zero points: each Linear runs its GGUF 4-bit blocks as 8da4w plus
+    a 32x smaller 8da8w Linear over block sums whose weight is the blocks' offsets at int8 (OffsetLinear). No
+    calibration runs: no GPTQ, no sensitivity pass, no smoothing. The .pte runs as the eager twin validate builds."""
+    from mlexport.quantize.block_offsets import block_offsets
+    from mlexport.validate.drift import quantized_reference
+    from test_sources import write_tiny_gguf
+
+    from mlexport.exporters.executorch import OffsetLinear, attach_block_offsets
+
+    save_hf_dir(tmp_path / "hf", llama_config())
+    write_tiny_gguf(tmp_path / "m.gguf", tmp_path / "hf", blocks="Q4_1")
+    opts = ExportOptions(
+        model=str(tmp_path / "m.gguf"), quant="4bit", out=tmp_path / "et", max_context=64, size_budget_mb=50
+    )
+    artifact = run_export(opts)[0]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    plan = manifest["quant_plan"]
+    body = [k for k in plan["tensors"] if k.startswith("layers.")]
+    assert all((plan["tensors"][k]["method"], plan["tensors"][k]["source"]) == ("source", "Q4_1") for k in body)
+    assert plan["mixed"]["sensitivity_sum"] is None  # every grid fit: nothing was measured
+    assert not plan.get("calibration") and not plan.get("smoothing") and not plan.get("tune")
+    assert "the 4-bit Linears reuse the source's grid" in " ".join(manifest["warnings"])
+    assert manifest["delegation"]["block_offset_linears"] == len(body)
+    assert not manifest["delegation"]["unexpected_fallback_ops"]
+    assert manifest["accounting"]["within_slack"], manifest["accounting"]
+    assert manifest["effort"] == "default"
+    loaded = load_model(str(tmp_path / "m.gguf"))
+    # the module the exporter builds: main blocks + offsets reproduce the source weight to an int8 offset step
+    model = quantized_reference(loaded, manifest, max_context=64)
+    attach_block_offsets(model)
+    linear = model.layers[0].mlp.up_proj
+    assert isinstance(linear, OffsetLinear)
+    grid = loaded.source_grids["layers.0.mlp.up_proj.weight"]
+    main = linear.weight.dequantize().float()
+    offsets = linear.offsets.weight.dequantize().float().repeat_interleave(32, 1)
+    step = block_offsets(grid).scale.float()
+    assert ((main + offsets - loaded.state_dict["layers.0.mlp.up_proj.weight"]).abs() <= step + 1e-2 * main.abs().max()).all()
+    reference = quantized_reference(loaded, manifest, max_context=64)
+    with torch.no_grad():
+        want = reference(torch.tensor([TOKENS])).numpy()[0]
+    got = _pte_logits(artifact)
+    assert np.abs(got - want).max() <= 0.05 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
