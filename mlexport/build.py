@@ -40,6 +40,11 @@ OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "asymmetric": bool,
     "calibration": str,
     "size_budget_mb": (int, float),
+    "tie_int8_rows": int,
+    "reuse_source_grid": bool,
+    "tune_scales": bool,
+    "smooth": bool,
+    "effort": str,
 }
 
 

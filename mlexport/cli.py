@@ -99,7 +99,7 @@ def export(
         None,
         "--size-budget",
         help="4-bit only: total MB the artifact may grow to by upgrading the most sensitive tensors (8 bits, or "
-        "the source's own grid) [default: 6% over all-4-bit for executorch, 9.5% for onnx, 5.2% for coreml; "
+        "the source's own grid) [default: 3.5% over all-4-bit for executorch, 9.5% for onnx, 5.2% for coreml; "
         "0 = no mixed precision]",
     ),
     reuse_source_grid: bool | None = typer.Option(

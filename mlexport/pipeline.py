@@ -81,14 +81,11 @@ def stored_bytes(model: Any, plan: Any, target: str) -> dict[str, int]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
 # Default 4-bit size budget over all-4-bit, spent on the most sensitive tensors: 8-bit copies, or the source's own
-# grid where the target runs it exactly (EXACT_SOURCE_TYPES). ExecuTorch's keeps the demo `.pte` + `.ptd` under
-# 90 MB (the sharing issue's bar; filling it to 89.97 MB with 0.0139 bought two down_proj instead of five v_proj and
-# raised held-out KLD 0.1009 -> 0.1067, session 13). ONNX's keeps the demo under the onnxruntime-genai builder's
-# int4 size (86.5 MB), and with --reuse-source-grid pays for the demo's whole Q4_1 body exactly. Core ML's keeps the
-# demo's weight.bin under the Core ML issue's 80 MB: with the Q4_1 offsets at int8 (quantize/block_offsets.py),
-# the symmetric rotated tie and its 1,000 int8 rows, that buys the demo's whole body grid (79.72 MB predicted,
-# 5.12% over all-4-bit; the blob records and zero biases add ~0.25 MB to weight.bin).
-MIXED_SLACK = {"executorch": 0.0125, "onnx": 0.095, "coreml": 0.052}
+# grid where the target runs it (EXACT_SOURCE_TYPES). ExecuTorch's keeps the demo's .pte + .ptd under 92 MB with
+# most of its Q4_1 body reused (int8 offsets, quantize/block_offsets.py). ONNX's keeps the demo under the
+# onnxruntime-genai builder's int4 size (86.5 MB). Core ML's keeps the demo's weight.bin under 80 MB with its whole
+# Q4_1 body reused. docs/quantization.md has the measurements behind each.
+MIXED_SLACK = {"executorch": 0.035, "onnx": 0.095, "coreml": 0.052}
 # Zero points by default where the runtime executes them at full speed. XNNPACK runs symmetric weights only.
 # MatMulNBits takes packed uint4 zero points at no measurable cost per token, and on the demo's exported model
 # (within the same 86.5 MB) they lowered KLD from 0.091 to 0.060 on the built-in corpus and from 0.122 to 0.083 on
@@ -102,9 +99,9 @@ EXACT_SOURCE_TYPES = {"executorch": ("Q4_0", "Q4_1"), "onnx": ("Q4_0", "Q4_1"), 
 # Whether a target reuses them by default. ONNX runs a Q4_1 grid as MatMulNBits plus a per-block offset term (float
 # zero points take a generic path 60x slower), and on the demo those extra nodes cost ~35% of decode speed against
 # the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
-# expands its constexpr weights when the model loads; ExecuTorch needs no calibration for a reused grid, which is
-# what makes its default export of a Q4 GGUF take minutes.
-REUSE_GRID_DEFAULT = {"executorch": True, "onnx": False, "coreml": True}
+# expands its constexpr weights when the model loads. On ExecuTorch the offsets' extra Linears more than double
+# the XNNPACK lowering time, so it reuses grids at --effort max only.
+REUSE_GRID_DEFAULT = {"executorch": False, "onnx": False, "coreml": True}
 # The tie's block size (with zero points) per target; see tie_grid.
 TIE_GRID = {"coreml": 32}
 # How many of the tie's first rows (the most frequent tokens) a 4-bit tie stores at int8 per row, per target; see
@@ -114,6 +111,10 @@ TIE_INT8_ROWS = {"coreml": 1000}
 # fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision (a reused source
 # grid needs neither). max: default plus end-to-end scale tuning (quantize/tune.py), ~10x the time.
 EFFORTS = ("fast", "default", "max")
+# Above this many parameters the default effort calibrates lightly (quantize/calibrate.LIGHT_GPTQ: 2,048 tokens of
+# the built-in text, plain GPTQ) and skips the sensitivity pass, whose cost grows with depth squared: at the 1B
+# shape the full recipe alone would take most of an hour on 2 cores. benchmarks/effort_frontier.py measures both.
+LIGHT_ABOVE_PARAMS = 400_000_000
 EFFORT_HELP = {
     "fast": "round to nearest, no calibration (seconds of quantization)",
     "default": "GPTQ + mixed precision; a Q4 GGUF's own grid is reused (minutes)",
@@ -329,13 +330,37 @@ def plan_for_target(
     if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
         plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
     plan = mixed_precision(model, plan, loaded, opts, target, say, log)
-    tune = opts.effort == "max" if opts.tune_scales is None else opts.tune_scales
+    plan = requantize_without_calibration(plan, loaded, opts, target)
+    if light_calibration(opts, model) and any(q.method == "gptq" for q in plan.tensors.values()):
+        from mlexport.quantize.calibrate import LIGHT_GPTQ
+
+        plan.gptq = dict(LIGHT_GPTQ)
+    tune = opts.effort == "max" and not reuses_source_grid(loaded, opts, target)  # a reused grid stays as stored
+    tune = tune if opts.tune_scales is None else opts.tune_scales
     if tune and opts.quant == "4bit" and method == "gptq" and not opts.palettize:
         from mlexport.quantize.tune import TUNE_DEFAULT
 
         plan.tune = {**TUNE_DEFAULT, "target": target}
     elif opts.tune_scales and method != "gptq":
         plan.notes.append(f"--tune-scales needs GPTQ's values; the {method} quantizer ran, untuned")
+    return plan
+
+
+def requantize_without_calibration(plan: Any, loaded: LoadedModel, opts: ExportOptions, target: str) -> Any:
+    """A body re-exported from the source's grid needs no calibration text, so below ``--effort max`` the few body
+    tensors the size budget leaves off the grid are requantized by the data-free clipping search instead of GPTQ,
+    whose block-by-block calibration pass would cost minutes for them."""
+    if opts.effort == "max" or opts.quantizer != "auto" or not reuses_source_grid(loaded, opts, target):
+        return plan
+    moved = [n for n in upgrade_candidates(plan) if plan.tensors[n].method == "gptq"]
+    if not moved:
+        return plan
+    for name in moved:
+        plan.tensors[name] = dataclasses.replace(plan.tensors[name], method="search")
+    plan.notes.append(
+        f"{len(moved)} body tensors off the source's grid requantized by the data-free search, not GPTQ "
+        "(--effort max runs GPTQ)"
+    )
     return plan
 
 
@@ -351,13 +376,18 @@ def smoothing_windows(
         return None, None
     if opts.smooth is False:
         return None, "int8 activations not smoothed (--no-smooth)"
-    if opts.smooth is None and opts.effort == "fast":
-        return None, "int8 activations not smoothed (--effort fast)"
+    if opts.smooth is None and opts.effort == "fast":  # the effort level's choice, in the manifest
+        return None, None
     if reuses_source_grid(loaded, opts, target):  # smoothing rescales weights that must stay on the source's grid
         return None, "int8 activations not smoothed: the 4-bit Linears reuse the source's grid"
     if loaded.tokenizer_dir is None:
         return None, "int8 activations not smoothed: measuring their ranges needs the model's tokenizer"
-    windows, _ = calibration_set(model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration)
+    from mlexport.quantize.calibrate import LIGHT_GPTQ
+
+    light = LIGHT_GPTQ if light_calibration(opts, model) else None
+    windows, _ = calibration_set(
+        model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, light=light
+    )
     return windows, None
 
 
@@ -446,9 +476,27 @@ def weight_only(plan: Any) -> Any:
     return plan
 
 
+def reuse_grid(opts: ExportOptions, target: str) -> bool:
+    """``--reuse-source-grid`` as asked, else the target's default (every target reuses at ``--effort max``)."""
+    if opts.reuse_source_grid is not None:
+        return opts.reuse_source_grid
+    return REUSE_GRID_DEFAULT[target] or (opts.effort == "max" and bool(EXACT_SOURCE_TYPES[target]))
+
+
+def light_calibration(opts: ExportOptions, model: Any) -> bool:
+    """Whether GPTQ runs its light recipe (quantize/calibrate.LIGHT_GPTQ) and skips the sensitivity pass."""
+    params = sum(p.numel() for p in model.parameters())  # a tied table counts once
+    return opts.effort == "default" and params > LIGHT_ABOVE_PARAMS
+
+
+def measures_sensitivity(opts: ExportOptions, model: Any) -> bool:
+    """Whether mixed precision measures each tensor's sensitivity (to spend the size budget on 8-bit copies)."""
+    return opts.effort != "fast" and not light_calibration(opts, model)
+
+
 def reuses_source_grid(loaded: LoadedModel, opts: ExportOptions, target: str) -> bool:
     """Whether the export re-exports the source's own 4-bit grids (a Q4_0/Q4_1 GGUF) where the target runs them."""
-    reuse = REUSE_GRID_DEFAULT[target] if opts.reuse_source_grid is None else opts.reuse_source_grid
+    reuse = reuse_grid(opts, target)
     kinds = EXACT_SOURCE_TYPES[target]
     grids = loaded.source_grids.values()
     return bool(reuse and opts.quant == "4bit" and any(_grid_kind(g) in kinds for g in grids))
@@ -491,22 +539,25 @@ def mixed_precision(
         rows = " (with the tie's int8 rows; lower --tie-int8-rows)" if base > all4 else ""
         plan.notes.append(f"{what} {cap / 1e6:.1f} MB is below the 4-bit size {base / 1e6:.1f} MB{rows}")
         return plan
-    reuse = REUSE_GRID_DEFAULT[target] if opts.reuse_source_grid is None else opts.reuse_source_grid
-    grid_types = EXACT_SOURCE_TYPES[target] if reuse else ()
+    grid_types = EXACT_SOURCE_TYPES[target] if reuse_grid(opts, target) else ()
     candidates = upgrade_candidates(plan)
     exact = {
         name: option
         for name in candidates
         if (option := exact_option(plan.tensors[name], loaded.source_grids.get(name), grid_types))
     }
+    if exact:  # a reused Q4_1 grid may bring fixed bytes (ExecuTorch's block-sum matrices): paid first
+        trial = dataclasses.replace(plan, tensors={**plan.tensors, **exact})
+        budget -= stored_bytes(model, trial, target)["float"] - stored_bytes(model, plan, target)["float"]
     if candidates and len(exact) == len(candidates):  # nothing to rank when every source grid fits
         unranked = dict.fromkeys(candidates, 0.0)
         mixed, upgrades = choose_upgrades(model, plan, unranked, budget, SCALE_BYTES[target], None, exact)
         if len(upgrades) == len(candidates):
             return _record_mixed(mixed, upgrades, budget, cap, None, say)
-    if loaded.tokenizer_dir is None or opts.effort == "fast":
-        why = "--effort fast" if opts.effort == "fast" else "measuring sensitivity needs the model's tokenizer"
-        plan.notes.append(f"mixed precision skipped ({why})")
+    if not measures_sensitivity(opts, model):  # the effort level's choice, in the manifest
+        return plan
+    if loaded.tokenizer_dir is None:
+        plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
         return plan
     say("measuring each tensor's sensitivity (KLD with only it at 4 bits)")
 

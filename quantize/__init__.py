@@ -60,6 +60,7 @@ class QuantPlan:
     tune: dict[str, Any] | None = None  # end-to-end scale tuning after GPTQ (quantize/tune.py): recipe and text
     tie_rotation: dict[str, Any] | None = None  # the tied table stored rotated (quantize/rotation.py)
     smoothing: dict[str, Any] | None = None  # int8 activations' group factors, folded in (quantize/smoothing.py)
+    gptq: dict[str, Any] | None = None  # a lighter GPTQ recipe (quantize/calibrate.LIGHT_GPTQ); None = the full one
 
     def without_int8_rows(self) -> QuantPlan:
         """This plan with every tensor at its own width throughout: the all-4-bit baseline the size budget is
@@ -77,6 +78,7 @@ class QuantPlan:
             "tune": self.tune,
             **({"tie_rotation": self.tie_rotation} if self.tie_rotation else {}),
             **({"smoothing": self.smoothing} if self.smoothing else {}),
+            **({"gptq": self.gptq} if self.gptq else {}),
             "tensors": {name: asdict(q) for name, q in self.tensors.items()},
         }
 
@@ -94,6 +96,7 @@ class QuantPlan:
             tune=raw.get("tune"),
             tie_rotation=raw.get("tie_rotation"),
             smoothing=raw.get("smoothing"),
+            gptq=raw.get("gptq"),
         )
 
     def summary(self) -> dict[str, int]:

@@ -1,14 +1,14 @@
-"""A reused Q4_1 grid as Core ML stores it: int4 blocks times their fp16 scale, plus the blocks' offsets at int8.
+"""A reused Q4_1 grid as Core ML and ExecuTorch store it: int4 blocks times their scale, plus the blocks' offsets
+at int8.
 
 Why: Q4_1 is ``w = d·(q − zero)`` with a *float* zero per 32-block. Core ML's ``constexpr_blockwise_shift_scale``
-takes a float offset, but at fp16 that is 16 bits a block (0.5 bits a weight), which made the demo's exact body
-66.4 MB of the Core ML issue's 80 MB. Split ``w = d·q + B`` with ``B = −d·zero`` constant over each block: then
-``x·wᵀ = x·(d·q)ᵀ + blocksum(x)·Bᵀ``, a second, 32x smaller Linear over the sums of each block of inputs, and ``B``
-rounds to int8 per row (8 bits a block plus 2 bytes a row). On the demo (eager, six chat prompts, tie exact;
-session 18's own rounding script, equivalent up to how the row scale rounds) that body gave greedy top-1 agreement
-98.7% against 100% exact, for 63.3 MB. The values stay a ``QuantizedWeight`` with
-a float zero point (``zero' = −B_int8/d``) so every consumer (the eager twin validate runs, the byte accounting)
-sees exactly what the artifact computes.
+takes a float offset, but at fp16 that is 16 bits a block (0.5 bits a weight), and XNNPACK takes no zero points at
+all. Split ``w = d·q + B`` with ``B = −d·zero`` constant over each block: then ``x·wᵀ = x·(d·q)ᵀ + blocksum(x)·Bᵀ``,
+a second, 32x smaller Linear over the sums of each block of inputs, and ``B`` rounds to int8 per row (8 bits a block
+plus a scale a row). On the demo (eager, six chat prompts, tie exact) that body gave greedy top-1 agreement 98.7%
+against 100% exact, for 63.3 MB. The values stay a ``QuantizedWeight`` with a float zero point
+(``zero' = −B_int8/d``) so every consumer (the eager twin validate runs, the byte accounting) sees exactly what the
+artifact computes.
 
 This module is not part of the quantization cache key (quantize/calibrate.py's CACHED_CODE): it runs after the
 cached values are read, on the exporter's and validate's side.

@@ -53,6 +53,10 @@ DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
 # +0.004 on the built-in corpus, whose domain (Python docs) the pydoc topics alone had been fitting.
 SELF_GENERATED = {"sequences": 24, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 0}
 Progress = Callable[[int, int], None]  # (done, total) blocks
+# The light recipe (``QuantPlan.gptq``): a quarter of the text, no self-generated samples, and plain GPTQ (no
+# full-precision reference pass): about a third of the full recipe's time.
+LIGHT_GPTQ = {"tokens": 2048, "self_generated": False, "reference_pass": False}
+LIGHT_CALIBRATION = "python-pydoc-topics-light"
 
 
 def default_calibration_text() -> str:
@@ -141,13 +145,20 @@ def calibration_set(
     tokenizer_dir: Path,
     path: Path | None,
     recorded: dict[str, Any] | None = None,
+    light: dict[str, Any] | None = None,
 ) -> tuple[list[list[int]], dict[str, Any]]:
     """GPTQ's calibration windows and their record for the plan: ``path``'s text, or by default the pydoc topics
-    plus the model's own samples (from ``recorded`` when a manifest has them, else cached per model, else sampled)."""
+    plus the model's own samples (from ``recorded`` when a manifest has them, else cached per model, else sampled).
+    ``light`` (LIGHT_GPTQ) takes only its first ``tokens`` tokens of the text and no samples."""
     from mlexport.tokenizer import Tokenizer
 
     text, info = calibration_info(path)
     token_ids = Tokenizer(tokenizer_dir).encode(text)
+    if light is not None:
+        info = {**info, "tokens": light["tokens"]}
+        if path is None:
+            info["name"] = LIGHT_CALIBRATION
+        return calibration_windows(token_ids, light["tokens"]), info
     if path is not None:
         return calibration_windows(token_ids), info
     generated = (recorded or {}).get("generated_ids") or _cached_self_generated(model, model_sha256)
@@ -225,6 +236,7 @@ def quantize_weights(
     windows: list[list[int]] | None,
     progress: Progress | None = None,
     source_grids: dict[str, QuantizedWeight] | None = None,
+    reference_pass: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Quantized values for every tensor the plan gives a method other than torchao's RTN.
 
@@ -249,7 +261,7 @@ def quantize_weights(
     modules = dict(work.named_modules())
     with torch.no_grad():
         if needs_data:
-            _sequential(work, model, wanted, windows or [], results, progress)
+            _sequential(work, model if reference_pass else None, wanted, windows or [], results, progress)
         for name, q in wanted.items():  # what the block pass did not cover: embedding, head, data-free methods
             if name not in results:
                 weight = modules[name.removesuffix(".weight")].weight
@@ -288,18 +300,18 @@ _STEPS = (
 
 def _sequential(
     work: nn.Module,
-    reference: nn.Module,
+    reference: nn.Module | None,
     wanted: dict[str, TensorQuant],
     windows: list[list[int]],
     results: dict[str, QuantizedWeight],
     progress: Progress | None,
 ) -> None:
     """GPTAQ block by block: ``work`` is quantized in place while ``reference`` (the same weights, never changed)
-    gives the full-precision inputs each Linear should have seen."""
+    gives the full-precision inputs each Linear should have seen. Without a reference, plain GPTQ."""
     limit = work.max_context  # the RoPE tables end there: cut longer windows into pieces
     pieces = [w[i : i + limit] for w in windows for i in range(0, len(w), limit)]
     hidden = [work.embed(torch.tensor([w])) for w in pieces]
-    hidden_fp = [h.clone() for h in hidden]
+    hidden_fp = [h.clone() for h in hidden] if reference is not None else []
     layer_map = list(work.layer_map)
     n_blocks = len(set(layer_map))
     done: set[int] = set()
@@ -309,15 +321,18 @@ def _sequential(
         runs = 1
         while i + runs < len(layer_map) and layer_map[i + runs] == b:
             runs += 1
-        block, fp_block = work.layers[b], reference.layers[b]
+        block = work.layers[b]
+        fp_block = reference.layers[b] if reference is not None else None
         next_fp = None  # the full-precision stream after this block, when the capture pass already ran it
         if b not in done:
             prefix = f"layers.{b}."
             if any(name.startswith(prefix) for name in wanted):  # a block kept exact needs no Hessian
-                fp_inputs = {step[0]: [] for step in _STEPS}
-                next_fp = _run_with_hooks(
-                    work, fp_block, hidden_fp, runs, fp_inputs, lambda n, x, store=fp_inputs: store[n].append(x)
-                )
+                fp_inputs: dict[str, list[torch.Tensor]] | None = None
+                if fp_block is not None:
+                    fp_inputs = {step[0]: [] for step in _STEPS}
+                    next_fp = _run_with_hooks(
+                        work, fp_block, hidden_fp, runs, fp_inputs, lambda n, x, store=fp_inputs: store[n].append(x)
+                    )
                 stats = _step_statistics(work, block, hidden, runs, fp_inputs)
                 for step in _STEPS:
                     names = [n for n in step if f"{prefix}{n}.weight" in wanted]
@@ -327,15 +342,19 @@ def _sequential(
             if progress:
                 progress(len(done), n_blocks)
         hidden = _run_with_hooks(work, block, hidden, runs, {}, None)
-        hidden_fp = next_fp if next_fp is not None else _run_with_hooks(work, fp_block, hidden_fp, runs, {}, None)
+        if fp_block is not None:
+            hidden_fp = next_fp if next_fp is not None else _run_with_hooks(work, fp_block, hidden_fp, runs, {}, None)
         i += runs
     # The head reads the final norm's output. For a tied model its 4-bit values are also the embedding table
     # (shared4), so GPTQ on the head helps the logits most, which is where a 4-bit tie costs the most drift.
     head = wanted.get("lm_head.weight")
     if head is not None and head.method == "gptq":
         x = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden]).float()
-        x_fp = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden_fp]).float()
-        results["lm_head.weight"] = quantize_one(work.lm_head.weight.detach(), head, x.T @ x, (x_fp - x).T @ x)
+        cross = None
+        if reference is not None:
+            x_fp = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden_fp]).float()
+            cross = (x_fp - x).T @ x
+        results["lm_head.weight"] = quantize_one(work.lm_head.weight.detach(), head, x.T @ x, cross)
 
 
 def _run_with_hooks(
@@ -368,19 +387,26 @@ def _run_with_hooks(
 
 
 def _step_statistics(
-    work: nn.Module, block: nn.Module, hidden: list[torch.Tensor], runs: int, fp_inputs: dict[str, list[torch.Tensor]]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    work: nn.Module,
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    runs: int,
+    fp_inputs: dict[str, list[torch.Tensor]] | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Per step: (Σ x xᵀ, Σ (x_fp − x) xᵀ) of its input over all calibration tokens and all ``runs`` consecutive
-    executions of the block, pairing each input with the full-precision one of the same call."""
-    stats: dict[str, list[Any]] = {name: [0, 0, 0] for name in fp_inputs}  # hessian, cross, calls seen
+    executions of the block, pairing each input with the full-precision one of the same call (no ``fp_inputs``:
+    the Hessian alone)."""
+    names = [step[0] for step in _STEPS]
+    stats: dict[str, list[Any]] = {name: [0, None, 0] for name in names}  # hessian, cross, calls seen
 
     def seen(name: str, x: torch.Tensor) -> None:
         acc = stats[name]
         acc[0] = acc[0] + x.T @ x
-        acc[1] = acc[1] + (fp_inputs[name][acc[2]] - x).T @ x
+        if fp_inputs is not None:
+            acc[1] = (0 if acc[1] is None else acc[1]) + (fp_inputs[name][acc[2]] - x).T @ x
         acc[2] += 1
 
-    _run_with_hooks(work, block, hidden, runs, fp_inputs, seen)
+    _run_with_hooks(work, block, hidden, runs, names, seen)
     return {name: (acc[0], acc[1]) for name, acc in stats.items()}
 
 
@@ -390,7 +416,7 @@ def _quantize_step(
     names: list[str],
     wanted: dict[str, TensorQuant],
     hessian: torch.Tensor,
-    cross: torch.Tensor,
+    cross: torch.Tensor | None,
     results: dict[str, QuantizedWeight],
 ) -> None:
     """GPTQ treats rows independently, so Linears that read one input and share a plan run as one stacked pass."""
@@ -579,11 +605,11 @@ def prepare(
                 "this artifact was quantized by an older mlexport (pydoc-only calibration, GPTQ damping 0.01), "
                 "whose values this version does not reproduce; re-export it with this version"
             )
-        if calibration is None and recorded and recorded["name"] != DEFAULT_CALIBRATION:
+        if calibration is None and recorded and recorded["name"] not in (DEFAULT_CALIBRATION, LIGHT_CALIBRATION):
             calibration = Path(recorded["name"])
         if tokenizer_dir is None:
             raise MlexportError("GPTQ needs the model's tokenizer for calibration; use --quantizer search")
-        windows, info = calibration_set(model, model_sha256, tokenizer_dir, calibration, recorded)
+        windows, info = calibration_set(model, model_sha256, tokenizer_dir, calibration, recorded, plan.gptq)
         if recorded and recorded["sha256"] != info["sha256"]:
             raise MlexportError(
                 f"the calibration text {info['name']} changed since export (sha256 {info['sha256'][:12]}… vs "
@@ -610,7 +636,9 @@ def prepare(
         results = load_cached(gptq_path) if gptq_path and plan.tune else None  # GPTQ ran for this plan before
         if results is None:
             # the int8 head rows join before tuning: the tuning must see the table the target stores, and tunes them
-            results = _attach_int8_rows(model, plan, quantize_weights(model, plan, windows, progress, source_grids))
+            reference = (plan.gptq or {}).get("reference_pass", True)
+            values = quantize_weights(model, plan, windows, progress, source_grids, reference)
+            results = _attach_int8_rows(model, plan, values)
             if gptq_path and plan.tune:
                 save_cached(gptq_path, results)
         if plan.tune:

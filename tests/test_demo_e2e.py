@@ -1,7 +1,7 @@
 """End-to-end on the real demo model (SmolLM2-135M-Instruct, fetched once from PyPI): the 4-bit artifacts answer.
 
-This is the slow test (an ExecuTorch export of ~8 minutes on 2 cores, ONNX ~20 s); it is what proves the product
-works.
+This is the slow test (the default ExecuTorch export takes ~8 minutes on 2 cores, most of it XNNPACK lowering; ONNX
+and Core ML a few minutes each); it is what proves the product works.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def demo_4bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _export_demo(tmp_path_factory: pytest.TempPathFactory, target: str) -> Path:
     out = tmp_path_factory.mktemp("demo") / f"demo-{target}-4bit"
-    # cold (no cached values): GPTQ plus the tuning took 40 min for ExecuTorch on this 2-core machine
-    result = _cli("export", "--target", target, "--quant", "4bit", "-o", str(out), timeout=4 * 3600)
+    result = _cli("export", "--target", target, "--quant", "4bit", "-o", str(out), timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -57,10 +56,10 @@ def _asks_paris(artifact: Path, max_new_tokens: int = 40) -> subprocess.Complete
     return result
 
 
-def _meets_drift_bar(artifact: Path, out: Path, *corpus: str) -> None:
-    """Issue #8's bar through `mlexport validate --gate` (by default on the built-in corpus), with the artifact's
-    real runtime."""
-    gate = ("--gate", "kld_mean<=0.10,same_top1>=0.8")
+def _meets_drift_bar(artifact: Path, out: Path, *corpus: str, gate: str = "kld_mean<=0.10,same_top1>=0.8") -> None:
+    """A drift gate through `mlexport validate --gate` (by default issue #8's bar on the built-in corpus), with the
+    artifact's real runtime."""
+    gate = ("--gate", gate)
     result = _cli("validate", str(artifact), "--reference", "demo", "-o", str(out), *gate, *corpus)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -78,20 +77,18 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
     assert manifest["storage"]["duplicated_bytes"] == 0
     assert manifest["accounting"]["within_slack"], manifest["accounting"]
     assert manifest["delegation"]["unexpected_fallback_ops"] == {}
-    assert not manifest["warnings"]
+    assert not manifest["warnings"] and manifest["effort"] == "default"
     plan = manifest["quant_plan"]
     linears = [k for k in plan["tensors"] if k.startswith("layers.")]
     upgraded = {u["tensor"] for u in plan["mixed"]["upgrades"]}
-    assert len(linears) == 30 * 7 and 0 < len(upgraded) < 40
+    assert len(linears) == 30 * 7 and 0 < len(upgraded) < 80
     # int8 activations smoothed per 32-channel group on all 30 blocks: both norms and up_proj's rows
     assert plan["smoothing"]["group"] == 32 and len(plan["smoothing"]["factors"]) == 30 * 3
     assert all(plan["tensors"][k]["scheme"] == ("int8_dynact" if k in upgraded else "int4_dynact") for k in linears)
     assert all(plan["tensors"][k]["method"] == "gptq" for k in linears)
-    assert plan["tune"]["method"] == "e2e-scales" and plan["tune"]["target"] == "executorch"
-    assert plan["tune"]["norm_lr"] > 0  # the norm gains are tuned with the scales
-    assert plan["tune"]["chat_opening"].endswith("<|im_start|>user\n")  # tuned on chat turns too (SmolLM2's template)
+    assert "gptq" not in plan and not plan["tune"]  # the full GPTQ recipe, untuned (--effort max tunes)
     stored = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model."))
-    assert stored <= 90e6, stored  # the sharing issue's bar (#3); #8 allows 92 MB (llama.cpp Q4_0's size)
+    assert stored <= 92e6, stored  # llama.cpp Q4_0's size: the drift issue's bar
 
 
 def test_demo_4bit_drifts_less_than_q4_0(demo_4bit: Path, tmp_path: Path) -> None:
@@ -135,8 +132,9 @@ def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
     Measured: KLD 0.1249 before scale tuning, 0.1125 with it (session 11), 0.1039 with chat turns in its text
     (session 12), 0.1009 with the norm gains, 3 epochs and twice the samples (session 13); 0.1032 with the tied
     table tuned (session 15), 0.1054 with it stored rotated (session 16); 0.0992, top-1 82.3%, with the int8
-    activations smoothed per group (session 17). llama.cpp's Q4_0 is 0.269. The margin is small (the tuning's
-    run-to-run spread was ~0.002), so this fails loudly if a change or another machine's arithmetic crosses it."""
+    activations smoothed per group (session 17). The default since the effort levels (GPTQ and 8-bit upgrades within
+    92 MB, untuned): 0.0991, top-1 82.7% in eager PyTorch (benchmarks/effort_frontier.py). llama.cpp's Q4_0 is
+    0.269. The margin is small, so this fails loudly if a change or another machine's arithmetic crosses it."""
     out = tmp_path / "held-out"
     result = _cli(
         "validate",

@@ -206,11 +206,10 @@ def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path:
     """A Q4_1 GGUF's body on XNNPACK, which has no zero points: each Linear runs its GGUF 4-bit blocks as 8da4w plus
     a 32x smaller 8da8w Linear over block sums whose weight is the blocks' offsets at int8 (OffsetLinear). No
     calibration runs: no GPTQ, no sensitivity pass, no smoothing. The .pte runs as the eager twin validate builds."""
+    from mlexport.exporters.executorch import OffsetLinear, attach_block_offsets
     from mlexport.quantize.block_offsets import block_offsets
     from mlexport.validate.drift import quantized_reference
     from test_sources import write_tiny_gguf
-
-    from mlexport.exporters.executorch import OffsetLinear, attach_block_offsets
 
     save_hf_dir(tmp_path / "hf", llama_config())
     write_tiny_gguf(tmp_path / "m.gguf", tmp_path / "hf", blocks="Q4_1")
@@ -239,7 +238,9 @@ def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path:
     main = linear.weight.dequantize().float()
     offsets = linear.offsets.weight.dequantize().float().repeat_interleave(32, 1)
     step = block_offsets(grid).scale.float()
-    assert ((main + offsets - loaded.state_dict["layers.0.mlp.up_proj.weight"]).abs() <= step + 1e-2 * main.abs().max()).all()
+    assert (
+        (main + offsets - loaded.state_dict["layers.0.mlp.up_proj.weight"]).abs() <= step + 1e-2 * main.abs().max()
+    ).all()
     reference = quantized_reference(loaded, manifest, max_context=64)
     with torch.no_grad():
         want = reference(torch.tensor([TOKENS])).numpy()[0]
