@@ -87,7 +87,9 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
             for node in program.graph.nodes:
                 if node.op == "placeholder" and _tied_tag(node):
                     node.meta.setdefault("custom", {})["delegate_constant_tag"] = PTD_TAG
-    _say(status, "lowering to XNNPACK (the long step: ~15 s per layer on 2 cores)")
+    seconds = 10 * len(model.layer_map) * (2 if offset_linears else 1)  # ~10 s a layer on 2 cores, ~2x with offsets
+    cost = f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds} s"
+    _say(status, f"lowering to XNNPACK (the long step: expect {cost} on 2 cores)")
     with log.stage("lower_xnnpack"), record_blob_sources() as blob_sources, skip_idle_xnnpack_passes():
         edge = to_edge_transform_and_lower(
             program,

@@ -559,7 +559,7 @@ def mixed_precision(
     if loaded.tokenizer_dir is None:
         plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
         return plan
-    say("measuring each tensor's sensitivity (KLD with only it at 4 bits)")
+    say(f"measuring each tensor's sensitivity (KLD with only it at 4 bits; {expected(model, 'sensitivity')})")
 
     def progress(done: int, total: int) -> None:
         say(f"progress:sensitivity: tensor {done}/{total}")
@@ -609,6 +609,18 @@ def _record_mixed(
     return mixed
 
 
+# Seconds per 100M parameters of each long step on a 2-core machine, from the demo's cold export (135M; the
+# sensitivity pass grows faster than this on deeper models). Only for the estimate printed before the step.
+STEP_SECONDS_PER_100M = {"sensitivity": 50, "gptq": 110, "gptq light": 45, "tuning": 1300}
+
+
+def expected(model: Any, step: str) -> str:
+    """'expect ~N min on 2 cores' for a long step of ``model``: said before the step starts."""
+    params = sum(p.numel() for p in model.parameters())
+    seconds = STEP_SECONDS_PER_100M[step] * params / 1e8
+    return f"expect ~{seconds / 60:.0f} min on 2 cores" if seconds >= 90 else f"expect ~{seconds:.0f} s on 2 cores"
+
+
 def compute_quantized(
     model: Any, plan: Any, loaded: LoadedModel, calibration: Path | None, say: Status
 ) -> dict[str, Any]:
@@ -616,14 +628,15 @@ def compute_quantized(
     from mlexport.quantize.calibrate import prepare
 
     if any(q.method == "gptq" for q in plan.tensors.values()):
-        say("GPTQ: calibrating block by block")
+        step = "gptq light" if plan.gptq else "gptq"
+        say(f"GPTQ: calibrating block by block ({expected(model, step)}, unless cached)")
 
     def progress(done: int, total: int) -> None:
         say(f"progress:GPTQ: block {done}/{total}")
 
     def tune_progress(done: int, total: int) -> None:
         if done == 1:  # a step of its own, timed apart from GPTQ's
-            say("tuning the scales and norm gains end to end (KL to the fp32 logits)")
+            say(f"tuning the scales and norm gains end to end (KL to the fp32 logits; {expected(model, 'tuning')})")
         say(f"progress:tuning end to end: step {done}/{total}")
 
     return prepare(
