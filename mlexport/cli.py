@@ -106,8 +106,8 @@ def export(
         None,
         "--reuse-source-grid/--no-reuse-source-grid",
         help="a GGUF's Q4_0/Q4_1 blocks as upgrades, re-exported as stored (Q4_1 offsets at int8 on executorch "
-        "and coreml) [default: on for executorch and coreml; off for onnx, where the exact Q4_1 offsets cost ~35% "
-        "of decode speed]",
+        "and coreml) [default: on for coreml; for executorch at --effort max (the offsets double its lowering time); "
+        "off for onnx, where the exact Q4_1 offsets cost ~35% of decode speed]",
     ),
     tie_int8_rows: int | None = typer.Option(
         None,

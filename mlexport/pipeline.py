@@ -84,7 +84,7 @@ DEFAULT_MAX_CONTEXT = 2048
 # grid where the target runs it (EXACT_SOURCE_TYPES). ExecuTorch's keeps the demo's .pte + .ptd under 92 MB with
 # most of its Q4_1 body reused (int8 offsets, quantize/block_offsets.py). ONNX's keeps the demo under the
 # onnxruntime-genai builder's int4 size (86.5 MB). Core ML's keeps the demo's weight.bin under 80 MB with its whole
-# Q4_1 body reused. docs/quantization.md has the measurements behind each.
+# Q4_1 body reused. The README's quantization section has the measurements behind each.
 MIXED_SLACK = {"executorch": 0.035, "onnx": 0.095, "coreml": 0.052}
 # Zero points by default where the runtime executes them at full speed. XNNPACK runs symmetric weights only.
 # MatMulNBits takes packed uint4 zero points at no measurable cost per token, and on the demo's exported model
@@ -100,26 +100,21 @@ EXACT_SOURCE_TYPES = {"executorch": ("Q4_0", "Q4_1"), "onnx": ("Q4_0", "Q4_1"), 
 # zero points take a generic path 60x slower), and on the demo those extra nodes cost ~35% of decode speed against
 # the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
 # expands its constexpr weights when the model loads. On ExecuTorch the offsets' extra Linears more than double
-# the XNNPACK lowering time, so it reuses grids at --effort max only.
-REUSE_GRID_DEFAULT = {"executorch": False, "onnx": False, "coreml": True}
+# the XNNPACK lowering time, so it reuses grids at --effort max only. The efforts at which each target reuses them:
+REUSE_GRID_DEFAULT = {"executorch": ("max",), "onnx": (), "coreml": ("fast", "default", "max")}
 # The tie's block size (with zero points) per target; see tie_grid.
 TIE_GRID = {"coreml": 32}
 # How many of the tie's first rows (the most frequent tokens) a 4-bit tie stores at int8 per row, per target; see
 # tie_grid. Paid from the MIXED_SLACK budget before the per-tensor upgrades.
 TIE_INT8_ROWS = {"coreml": 1000}
-# How much work the 4-bit quantization may take (--effort); docs/quantization.md has the time/KLD table.
-# fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision (a reused source
-# grid needs neither). max: default plus end-to-end scale tuning (quantize/tune.py), ~10x the time.
+# How much work the 4-bit quantization may take (--effort); the README's effort section has the time/KLD table.
+# fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision. max: default plus
+# end-to-end scale tuning (quantize/tune.py), ~10x the time, or a Q4 GGUF's own grid where a target can run it.
 EFFORTS = ("fast", "default", "max")
 # Above this many parameters the default effort calibrates lightly (quantize/calibrate.LIGHT_GPTQ: 2,048 tokens of
 # the built-in text, plain GPTQ) and skips the sensitivity pass, whose cost grows with depth squared: at the 1B
 # shape the full recipe alone would take most of an hour on 2 cores. benchmarks/effort_frontier.py measures both.
 LIGHT_ABOVE_PARAMS = 400_000_000
-EFFORT_HELP = {
-    "fast": "round to nearest, no calibration (seconds of quantization)",
-    "default": "GPTQ + mixed precision; a Q4 GGUF's own grid is reused (minutes)",
-    "max": "default + end-to-end scale tuning (~30-40 min for a 135M model on 2 cores, then cached)",
-}
 
 Status = Callable[[str], None]
 
@@ -141,7 +136,7 @@ class ExportOptions:
     calibration: Path | None = None  # GPTQ calibration text; None = the built-in one
     size_budget_mb: float | None = None  # 4-bit mixed precision cap; None = MIXED_SLACK over all-4-bit; 0 = off
     tie_int8_rows: int | None = None  # a 4-bit tie's first N rows at int8; None = the target's TIE_INT8_ROWS
-    reuse_source_grid: bool | None = None  # exact GGUF blocks as upgrades; None = the target's REUSE_GRID_DEFAULT
+    reuse_source_grid: bool | None = None  # GGUF blocks as upgrades; None = REUSE_GRID_DEFAULT at this effort
     tune_scales: bool | None = None  # end-to-end scale tuning after GPTQ; None = on at --effort max
     smooth: bool | None = None  # ExecuTorch's int8 activations smoothed (quantize/smoothing.py); None = on there
     effort: str = "default"  # EFFORTS: how much calibration work the 4-bit quantization does
@@ -330,7 +325,6 @@ def plan_for_target(
     if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
         plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
     plan = mixed_precision(model, plan, loaded, opts, target, say, log)
-    plan = requantize_without_calibration(plan, loaded, opts, target)
     if light_calibration(opts, model) and any(q.method == "gptq" for q in plan.tensors.values()):
         from mlexport.quantize.calibrate import LIGHT_GPTQ
 
@@ -343,24 +337,6 @@ def plan_for_target(
         plan.tune = {**TUNE_DEFAULT, "target": target}
     elif opts.tune_scales and method != "gptq":
         plan.notes.append(f"--tune-scales needs GPTQ's values; the {method} quantizer ran, untuned")
-    return plan
-
-
-def requantize_without_calibration(plan: Any, loaded: LoadedModel, opts: ExportOptions, target: str) -> Any:
-    """A body re-exported from the source's grid needs no calibration text, so below ``--effort max`` the few body
-    tensors the size budget leaves off the grid are requantized by the data-free clipping search instead of GPTQ,
-    whose block-by-block calibration pass would cost minutes for them."""
-    if opts.effort == "max" or opts.quantizer != "auto" or not reuses_source_grid(loaded, opts, target):
-        return plan
-    moved = [n for n in upgrade_candidates(plan) if plan.tensors[n].method == "gptq"]
-    if not moved:
-        return plan
-    for name in moved:
-        plan.tensors[name] = dataclasses.replace(plan.tensors[name], method="search")
-    plan.notes.append(
-        f"{len(moved)} body tensors off the source's grid requantized by the data-free search, not GPTQ "
-        "(--effort max runs GPTQ)"
-    )
     return plan
 
 
@@ -477,10 +453,10 @@ def weight_only(plan: Any) -> Any:
 
 
 def reuse_grid(opts: ExportOptions, target: str) -> bool:
-    """``--reuse-source-grid`` as asked, else the target's default (every target reuses at ``--effort max``)."""
+    """``--reuse-source-grid`` as asked, else the target's default at this effort (REUSE_GRID_DEFAULT)."""
     if opts.reuse_source_grid is not None:
         return opts.reuse_source_grid
-    return REUSE_GRID_DEFAULT[target] or (opts.effort == "max" and bool(EXACT_SOURCE_TYPES[target]))
+    return opts.effort in REUSE_GRID_DEFAULT[target]
 
 
 def light_calibration(opts: ExportOptions, model: Any) -> bool:
