@@ -240,7 +240,8 @@ class StepProgress:
             self.bar.console.print(f"[green]✓[/] {self.last['text']} [dim]({elapsed:.1f}s)[/]")
         self.last.update(text=text, t=time.perf_counter())
         self.counting = ""
-        self.bar.reset(self.task, total=None, description=text)
+        self.bar.remove_task(self.task)  # a fresh task: no count, its own elapsed time
+        self.task = self.bar.add_task(text, total=None)
 
 
 def parse_progress(text: str) -> tuple[str, int, int | None]:

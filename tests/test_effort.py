@@ -79,18 +79,20 @@ def test_progress_lines_become_a_determinate_bar_with_an_eta() -> None:
     assert parse_progress("progress:GPTQ: block 12/30") == ("GPTQ: block", 12, 30)
     assert parse_progress("progress:loading") == ("loading", 0, None)
     stream = io.StringIO()
-    console = Console(file=stream, force_terminal=True, width=120)
+    console = Console(file=stream, force_terminal=True, width=120, record=True)
     with StepProgress(console) as status:
         status("GPTQ: calibrating block by block")
         for i in range(1, 4):
             status(f"progress:GPTQ: block {i}/30")
-        task = status.bar.tasks[0]
+        status.bar.refresh()
+        task = status.bar.tasks[-1]
         assert (task.total, task.completed, task.description) == (30, 3, "GPTQ: block")
         assert status.bar.columns[-1].__class__.__name__ == "TimeRemainingColumn"
         status("lowering")
-        assert status.bar.tasks[0].total is None  # a new step without counts: back to a spinner
-    text = stream.getvalue()
-    assert "GPTQ: calibrating block by block" in text and "ETA" in text and "3/30" in text
+        assert status.bar.tasks[-1].total is None  # a new step without counts: back to a spinner
+    text = console.export_text()
+    assert "GPTQ: block" in text and "3/30" in text and "ETA 0:00" in text
+    assert "✓ GPTQ: calibrating block by block" in text and "✓ lowering" in text
 
 
 def test_every_export_flag_reaches_export_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

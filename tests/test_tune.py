@@ -104,7 +104,7 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: P
     assert set(scales_only) == set(gptq_values) | {table}
 
 
-def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_values(
+def test_max_effort_plans_are_tuned_and_validate_finds_the_same_values(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import dataclasses
@@ -125,11 +125,12 @@ def test_executorch_plans_are_tuned_by_default_and_validate_finds_the_same_value
         opts = ExportOptions(target=target, size_budget_mb=0, **flags)
         return plan_for_target(model, loaded, opts, target, tie, lambda _t: None, StageLog())
 
-    plan = plan_for("executorch", "shared8")
+    plan = plan_for("executorch", "shared8", effort="max")
     assert plan.tune and plan.tune["target"] == "executorch"
+    assert plan_for("executorch", "shared8").tune is None  # the default effort does not tune
     assert plan_for("onnx", "shared4").tune is None
     assert plan_for("onnx", "shared4", tune_scales=True).tune["target"] == "onnx"
-    assert plan_for("executorch", "shared8", tune_scales=False).tune is None
+    assert plan_for("executorch", "shared8", effort="max", tune_scales=False).tune is None
     with pytest.raises(MlexportError, match="--tune-scales tunes GPTQ's 4-bit scales"):
         validate_options(ExportOptions(target="executorch", quant="8bit", tune_scales=True))
 
