@@ -8,6 +8,7 @@ partition between the KV-cache custom ops.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,7 +91,12 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
     seconds = 10 * len(model.layer_map) * (2 if offset_linears else 1)  # ~10 s a layer on 2 cores, ~2x with offsets
     cost = f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds} s"
     _say(status, f"lowering to XNNPACK (the long step: expect {cost} on 2 cores)")
-    with log.stage("lower_xnnpack"), record_blob_sources() as blob_sources, skip_idle_xnnpack_passes():
+    with (
+        log.stage("lower_xnnpack"),
+        record_blob_sources() as blob_sources,
+        skip_idle_xnnpack_passes(),
+        direct_shape_kernels(),
+    ):
         edge = to_edge_transform_and_lower(
             program,
             partitioner=[_one_decomposition(XnnpackPartitioner())],
@@ -98,7 +104,7 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
     _say(status, "serializing the .pte")
-    with log.stage("to_executorch"):
+    with log.stage("to_executorch"), direct_shape_kernels():
         et_program = edge.to_executorch(
             ExecutorchBackendConfig(
                 extract_delegate_segments=True,
@@ -216,6 +222,110 @@ def record_blob_sources() -> Iterator[dict[str, list[str]]]:
     finally:
         NodeVisitor.define_tensor, NamedDataStore.add_named_data = define_tensor, add_named_data
         result.update({key: sorted(names) for key, names in sources.items()})
+
+
+def _choose_qparams_shape(
+    input: torch.Tensor,
+    mapping_type: str,
+    block_size: list[int],
+    target_dtype: torch.dtype,
+    quant_min: Any = None,
+    quant_max: Any = None,
+    eps: Any = None,
+    scale_dtype: torch.dtype | None = None,
+    zero_point_dtype: torch.dtype | None = None,
+    keepdim: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and dtypes of ``torchao.choose_qparams_affine`` without running its body."""
+    from torchao.quantization.quant_primitives import _get_reduction_params
+
+    reduced_shape, dims = _get_reduction_params(block_size, input.size())
+    if keepdim:
+        shape = [input.size(i) // block_size[i] for i in range(len(block_size))]
+    else:
+        shape = [size for i, size in enumerate(reduced_shape) if i not in dims]
+    if zero_point_dtype is None:  # symmetric zero points stay in the scale's float dtype
+        zero_point_dtype = torch.int32 if mapping_type == "ASYMMETRIC" else input.dtype
+    return input.new_empty(shape, dtype=scale_dtype or input.dtype), input.new_empty(shape, dtype=zero_point_dtype)
+
+
+def _quantize_shape(
+    input: torch.Tensor, block_size: Any, scale: Any, zero_point: Any, output_dtype: torch.dtype, *rest: Any
+) -> torch.Tensor:
+    return input.new_empty(input.shape, dtype=output_dtype)
+
+
+def _dequantize_shape(
+    input: torch.Tensor,
+    block_size: Any,
+    scale: Any,
+    zero_point: Any,
+    input_dtype: Any,
+    quant_min: Any = None,
+    quant_max: Any = None,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    return input.new_empty(input.shape, dtype=output_dtype)
+
+
+def _linear_shape(input: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+SHAPE_KERNELS = {
+    "torchao::choose_qparams_affine": _choose_qparams_shape,
+    "torchao::quantize_affine": _quantize_shape,
+    "torchao::dequantize_affine": _dequantize_shape,
+    "aten::linear": _linear_shape,
+}
+
+
+@contextmanager
+def direct_shape_kernels() -> Iterator[None]:
+    """Propagate shapes through the quantize ops and linears in one step each, not through their decompositions.
+
+    Lowering re-runs the whole graph on fake tensors with a symbolic token count in every pass, and these ops are
+    composite: each call ran its Python body (dozens of symbolic-shape ops) in every pass, half of the lowering
+    time. Here a fake tensor skips the composite body (a kernel at AutogradCPU that goes straight below
+    autograd) and fake mode uses the shape function above (a Python meta, preferred over decomposing). Real
+    tensors still run the composite body, and the graph records the same ops: the ``.pte`` is byte-identical
+    (tested).
+    """
+    import torchao.quantization.quant_primitives  # noqa: F401  (registers the torchao ops)
+    from torch._decomp import meta_table
+    from torch._library.simple_registry import singleton
+    from torch._library.utils import Kernel
+
+    libraries: dict[str, torch.library.Library] = {}
+    added: list[tuple[Any, Any, Kernel]] = []
+    try:
+        for qualname, shape_fn in SHAPE_KERNELS.items():
+            namespace, name = qualname.split("::")
+            op = getattr(getattr(torch.ops, namespace), name).default
+            kernel = Kernel(shape_fn, "mlexport direct_shape_kernels")
+            holder = singleton.find(qualname).fake_impl
+            holder.kernels.append(kernel)
+            added.append((op, holder, kernel))
+            if op not in meta_table:
+                meta_table[op] = shape_fn
+
+            def below_autograd(*args: Any, _op: Any = op, **kwargs: Any) -> Any:
+                with torch._C._AutoDispatchBelowAutograd():
+                    return _op(*args, **kwargs)
+
+            if namespace not in libraries:
+                libraries[namespace] = torch.library.Library(namespace, "IMPL")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "overriding a previously registered kernel": restored on exit
+                libraries[namespace].impl(name, below_autograd, "AutogradCPU")
+        yield
+    finally:
+        for op, holder, kernel in added:
+            holder.kernels.remove(kernel)
+            if meta_table.get(op) in SHAPE_KERNELS.values():
+                del meta_table[op]
+        for library in libraries.values():
+            library._destroy()
 
 
 # XNNPACK passes that only rewrite ops a decoder never has (convolutions, batch norm, pooling, upsampling, PReLU,

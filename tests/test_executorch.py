@@ -251,3 +251,53 @@ def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path:
         want = reference(torch.tensor([TOKENS])).numpy()[0]
     got = _pte_logits(artifact)
     assert np.abs(got - want).max() <= 0.05 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize(
+    ("mapping", "block", "shape", "keepdim", "zero_dtype"),
+    [
+        ("ASYMMETRIC", [1, 1, 64], [1, 5, 64], False, None),  # per-token activations
+        ("SYMMETRIC", [1, 32], [48, 64], False, None),  # per-group weights
+        ("SYMMETRIC", [1, 64], [48, 64], True, torch.int8),
+        ("ASYMMETRIC", [1, 16], [8, 64], True, torch.int32),
+    ],
+)
+def test_direct_shape_kernels_agree_with_the_ops_they_stand_in_for(
+    mapping: str, block: list[int], shape: list[int], keepdim: bool, zero_dtype: torch.dtype | None
+) -> None:
+    """Lowering's shortcut must give every quantize op and linear the shape and dtype its own body gives."""
+    import torchao.quantization.quant_primitives  # noqa: F401  (registers the torchao ops)
+    from mlexport.exporters.executorch import direct_shape_kernels
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.torchao
+
+    def run(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+        scale, zero = ops.choose_qparams_affine(
+            x, mapping, block, torch.int8, -128, 127, None, None, zero_dtype, keepdim
+        )
+        q = ops.quantize_affine(x, block, scale, zero, torch.int8, -128, 127)
+        d = ops.dequantize_affine(q, block, scale, zero, torch.int8, -128, 127, torch.float32)
+        return [scale, zero, q, d, torch.nn.functional.linear(d, w)]
+
+    x, w = torch.randn(shape), torch.randn(24, shape[-1])
+    reference = run(x, w)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, direct_shape_kernels():
+        fake = run(mode.from_tensor(x), mode.from_tensor(w))
+    assert [(t.shape, t.dtype, t.stride()) for t in fake] == [(t.shape, t.dtype, t.stride()) for t in reference]
+    # and the real ops run their real bodies again afterwards
+    assert torch.equal(run(x, w)[3], reference[3])
+
+
+def test_direct_shape_kernels_leave_the_pte_byte_identical(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    import mlexport.exporters.executorch as et
+
+    with_kernels = _export(tiny_dir, tmp_path / "with", "4bit")
+    monkeypatch.setattr(et, "direct_shape_kernels", contextlib.nullcontext)
+    without = _export(tiny_dir, tmp_path / "without", "4bit")
+    for name in ("model.pte", "model.ptd"):
+        assert (with_kernels / name).read_bytes() == (without / name).read_bytes(), name
