@@ -52,7 +52,7 @@ def _quiet_libraries() -> None:
         "Effort (4bit): fast = round to nearest, no calibration (seconds of quantization); default = GPTQ + "
         "sensitivity-driven 8-bit upgrades (~4.5 min of quantization for the 135M demo on 2 cores; lighter above "
         "400M parameters); max = default + end-to-end scale tuning (~35 min for a 135M model on 2 cores, then "
-        "cached), or a Q4 GGUF's own grid re-exported where the target runs it. XNNPACK lowering adds ~10 s a layer."
+        "cached), or a Q4 GGUF's own grid re-exported where the target runs it. XNNPACK lowering adds ~6 s a layer."
     )
 )
 def export(

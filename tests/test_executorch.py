@@ -301,3 +301,18 @@ def test_direct_shape_kernels_leave_the_pte_byte_identical(
     without = _export(tiny_dir, tmp_path / "without", "4bit")
     for name in ("model.pte", "model.ptd"):
         assert (with_kernels / name).read_bytes() == (without / name).read_bytes(), name
+
+
+def test_lowering_reports_a_count_toward_a_total(tiny_dir: Path, tmp_path: Path) -> None:
+    """The long step's bar moves: lowering and serialization report graph nodes traced out of an estimate."""
+    from mlexport.cli import parse_progress
+
+    lines: list[str] = []
+    opts = ExportOptions(model=str(tiny_dir), quant="4bit", out=tmp_path / "o", max_context=64, effort="fast")
+    run_export(opts, lines.append)
+    for label in ("lowering: graph nodes traced", "serializing: graph nodes traced"):
+        counts = [parse_progress(line)[1:] for line in lines if line.startswith(f"progress:{label}")]
+        assert len(counts) >= 10, label
+        assert all(total and done <= total for done, total in counts)
+        assert [done for done, _ in counts] == sorted(done for done, _ in counts)
+        assert counts[-1][0] >= 0.5 * counts[-1][1], f"{label}: the estimate is far off: {counts[-1]}"
