@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,7 @@ class StepProgress:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=stream,
+            transient=True,  # the ticked lines stay; the live bar goes, so an error is the last and only line
         )
         self.task: Any = None
         self.last = {"text": "", "t": time.perf_counter()}
@@ -268,6 +270,12 @@ def run(
     system: str | None = typer.Option(None, "--system", help="system message for the chat template"),
 ) -> None:
     """Generate text from an exported artifact with its real runtime, streaming tokens."""
+    if max_new_tokens < 1:
+        raise MlexportError(f"--max-new-tokens takes a count of at least 1, not {max_new_tokens}")
+    if temperature < 0:
+        raise MlexportError(f"--temperature takes 0 (greedy) or more, not {temperature}")
+    if not prompt.strip() and raw:
+        raise MlexportError("the prompt is empty; pass some text with --prompt")
     _quiet_libraries()
     from mlexport.generate import generate
     from mlexport.tokenizer import Tokenizer
@@ -343,7 +351,12 @@ def validate(
     from mlexport.validate.pipeline import run_validation
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task("starting", total=None)
 
@@ -397,7 +410,9 @@ def quantize_sweep(
     if target not in TARGETS:
         raise MlexportError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
     _quiet_libraries()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
         task = bar.add_task(f"loading {model!r}", total=None)
         loaded = load_model(model)
         if loaded.tokenizer_dir is None:
@@ -481,7 +496,9 @@ def bench(
         else:
             bar.update(task, description=f"timing {text}")
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
         task = bar.add_task("starting", total=None)
         results = run_bench(artifacts, device, settings, runtime, runner, qemu_cpu, on_step=step, tokenizer=tokenizer)
     if as_json:
@@ -544,7 +561,9 @@ def build(
     if no_validate:
         cfg.validate = False
     _quiet_libraries()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
         task = bar.add_task("starting", total=None)
         manifest = run_build(cfg, shard, say=lambda t: bar.update(task, description=t.replace("progress:", "")))
     sys.stdout.write(render_markdown(manifest))
@@ -609,7 +628,9 @@ def setup(
         raise MlexportError(f"nothing to set up for {what!r}; the one choice is qemu-arm64")
     from mlexport.validate.arm64 import setup as setup_qemu
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
         task = bar.add_task("qemu-arm64", total=None)
         toolchain = setup_qemu(force, say=lambda text: bar.update(task, description=text))
     versions = ", ".join(f"{k} {v}" for k, v in toolchain.versions.items() if k in ("executorch", "torch"))
@@ -707,25 +728,31 @@ def inspect(
 
 
 def _inspect_artifact(path: Path) -> dict[str, Any]:
-    from mlexport.artifacts import read_manifest
+    from mlexport.artifacts import corrupt_files, read_manifest
     from mlexport.pipeline import storage_map
     from mlexport.quantize import QuantPlan
     from mlexport.sharing import SharingPlan, account
 
-    directory, manifest = read_manifest(path)
+    directory, manifest = read_manifest(path, verify=False)
     spec = manifest["model"]["spec"]
     sharing = SharingPlan.from_dict(manifest.get("sharing", {}))
     sources = manifest.get("storage", {}).get("blob_sources", {})
-    storage = storage_map(directory, manifest["target"], sources, sharing, spec.get("layer_map"))
+    damaged = corrupt_files(directory, manifest)
+    storage: dict[str, Any] = {"stored_bytes": 0, "duplicated_bytes": None, "blobs": []}
+    if not damaged:  # a damaged weight file is reported, not parsed
+        storage = storage_map(directory, manifest["target"], sources, sharing, spec.get("layer_map"))
     predicted = manifest.get("accounting", {}).get("predicted_unique_bytes", 0)
     blob_accounting = (
-        account([{"path": "blobs", "bytes": storage["stored_bytes"]}], predicted, ("blobs",)) if predicted else None
+        account([{"path": "blobs", "bytes": storage["stored_bytes"]}], predicted, ("blobs",))
+        if predicted and not damaged
+        else None
     )
     return {
         "kind": "artifact",
         "target": manifest["target"],
         "quant": manifest["quant"],
         "files": manifest["files"],
+        "damaged_files": damaged,
         "total_bytes": sum(f["bytes"] for f in manifest["files"]),
         "quant_plan": QuantPlan.from_dict(manifest["quant_plan"]).summary(),
         "calibration": _calibration_summary(manifest["quant_plan"].get("calibration")),
@@ -788,6 +815,14 @@ def _flat(info: dict[str, Any]) -> list[tuple[str, str]]:
         if key == "files":
             for f in value:
                 rows.append((f"file {f['path']}", f"{f['bytes'] / 1e6:.2f} MB  sha256 {f['sha256'][:12]}"))
+        elif key == "damaged_files":
+            for f in value:
+                found = f["found_sha256"] or "missing"
+                rows.append(
+                    (f"DAMAGED {f['path']}", f"manifest sha256 {f['sha256'][:12]}, file {found[:12]}: re-export")
+                )
+            if not value:
+                rows.append(("files", "every file matches the manifest's sha256"))
         elif key == "spec":
             for k, v in value.items():
                 if k != "chat_template":
@@ -804,11 +839,21 @@ def _short(value: Any) -> str:
     return text if len(text) < 200 else text[:197] + "..."
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so every ``finally`` and cleanup handler runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, never a traceback."""
     # tqdm reads TQDM_* once, when it is first imported (torch imports it), so this must come before anything
     # imports torch: coremltools' per-pass bars would otherwise print through our own progress lines.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    signal.signal(signal.SIGTERM, _terminate)  # clean up like Ctrl-C: temp artifacts go, one "aborted" line
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
         if isinstance(code, int) and code:
@@ -819,6 +864,9 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[red]aborted[/]")
         sys.exit(130)
+    except Terminated:
+        console.print("[red]aborted[/] (SIGTERM)")
+        sys.exit(143)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # usage errors (typer >= 0.29 carries its own copy of click's)

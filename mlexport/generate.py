@@ -37,7 +37,7 @@ def prefill(runtime, tokens: list[int], start: int = 0, chunk: int | None = None
     for i in range(0, len(tokens), limit):
         logits = runtime.forward(tokens[i : i + limit], start + i)
     if logits is None:
-        raise MlexportError("empty prompt")
+        raise MlexportError("the prompt is empty; pass some text with --prompt")
     return logits
 
 

