@@ -137,7 +137,7 @@ def test_int8_tie_rows_match_the_eager_reference(exported: dict, models: dict[st
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_tuned_norm_gains_reach_the_package(models: dict[str, Path], tmp_path: Path) -> None:
+def test_tuned_norm_gains_reach_the_package(models: dict[str, Path], tmp_path: Path, small_tuning: None) -> None:
     """--tune-scales on Core ML: the values reach the package at compression time, but the tuned norm gains must be
     in the model before conversion. LS blocks run twice, so each gain is tuned and stored once for both runs."""
     from mlexport.quantize.tune import TUNE_DEFAULT

@@ -88,7 +88,9 @@ def test_int4_onnx_matches_the_same_dequantized_weights(
     assert (fast.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
-def test_tuned_scales_and_norm_gains_reach_the_onnx_model(models: dict[str, Path], tmp_path: Path) -> None:
+def test_tuned_scales_and_norm_gains_reach_the_onnx_model(
+    models: dict[str, Path], tmp_path: Path, small_tuning: None
+) -> None:
     """--tune-scales on ONNX: the tuned group scales go into MatMulNBits and the tuned RMSNorm gains into the graph's
     initializers. At accuracy_level 0 only summation order differs from the tuned eager reference. LS blocks run
     twice, so each tuned value is stored once for both runs."""

@@ -105,7 +105,7 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: P
 
 
 def test_max_effort_plans_are_tuned_and_validate_finds_the_same_values(
-    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_tuning: None
 ) -> None:
     import dataclasses
     import json
@@ -138,7 +138,7 @@ def test_max_effort_plans_are_tuned_and_validate_finds_the_same_values(
     # two cache entries: GPTQ's values (what an untuned plan, or another tuning recipe, starts from) and the tuned
     assert len(list((tmp_path / "cache" / "quantized").glob("*.pt"))) == 2
     # free text, then conversations after the chat template's opening (the tiny tokenizer has a template)
-    free, chat = TUNE_DEFAULT["extra_generated"]["sequences"], TUNE_DEFAULT["chat_generated"]["sequences"]
+    free, chat = plan.tune["extra_generated"]["sequences"], plan.tune["chat_generated"]["sequences"]
     assert len(plan.tune["generated_ids"]) == free + chat
     opening = Tokenizer(loaded.tokenizer_dir).encode(plan.tune["chat_opening"])
     assert opening and all(ids[: len(opening)] == opening for ids in plan.tune["generated_ids"][free:])
