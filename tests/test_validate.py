@@ -77,7 +77,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     root = tmp_path_factory.mktemp("val")
     save_hf_dir(root / "model", llama_config())
     good = run_export(ExportOptions(model=str(root / "model"), quant="fp32", out=root / "good", max_context=64))[0]
-    # A damaged copy: one fp32 weight of the .pte perturbed in place (the manifest still says it is the same model).
+    # A wrong export: one fp32 weight of the .pte perturbed in place, its manifest listing the new bytes (a file
+    # that no longer matches its manifest is refused before validation; test_safety covers that).
     import shutil
 
     from mlexport.sources import load_model
@@ -92,6 +93,11 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     damaged = (weight + 0.5).astype(np.float32).tobytes()
     data[at : at + len(damaged)] = damaged
     (bad / "model.pte").write_bytes(bytes(data))
+    from mlexport.artifacts import describe_files
+
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"] = describe_files(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     return root / "model", good, bad
 
 
