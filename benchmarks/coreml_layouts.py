@@ -6,7 +6,7 @@ Eager PyTorch, fp32 compute, weight-only: each layout's weights are dequantized 
 six chat prompts teacher-forced over the fp32 model's own 64-token greedy continuation. The first prompt is the one
 tests/test_demo_e2e.py checks through the MIL interpreter. "weights MB" counts the quantized tensors as Core ML
 stores them (pipeline.SCALE_BYTES), not the norms, RoPE tables, zero biases and blob records that weight.bin
-also holds (~0.26 MB for the exported default). Prints the table the README's Core ML section shows (session 19).
+also holds (~0.26 MB for the exported default). Prints the table docs/performance.md's Core ML section shows.
 About 5 minutes on 2 cores once the tie's GPTQ values are cached (~1 minute each the first time).
 """
 

@@ -8,7 +8,7 @@ are chosen) and on the held-out GPL-3 text under llama.cpp's protocol (windows o
 check). Eager KLD tracks the exported artifact's closely (validate's "quant KLD" column). "quantize s" is the
 plan + quantization time of the row; the quantized-values cache is off, but the model's self-generated calibration
 samples are cached after the first row that samples them (~40 s on the demo), as a second export would find them.
-Lowering is not included: it is the same for every row of a target (see the README's export table).
+Lowering is not included: it is the same for every row of a target (docs/performance.md, "Where the time goes now").
 """
 
 from __future__ import annotations
@@ -20,27 +20,44 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ROOT / "tests" / "data" / "GPL-3"
-LIGHT_VARIANTS = {
-    "light": {"tokens": 2048, "self_generated": False, "reference_pass": False},
-    "light+ref": {"tokens": 2048, "self_generated": False, "reference_pass": True},
-    "light8k": {"tokens": 8192, "self_generated": False, "reference_pass": False},
-}
-# label, ExportOptions overrides, the light GPTQ recipe forced on (None: as shipped), whether to measure sensitivity
-# with it (light rows only)
-ROWS: dict[str, tuple[str, dict[str, Any], str | None, bool]] = {
-    "fast": ("--effort fast: round to nearest", {"effort": "fast"}, None, False),
-    "light": ("light GPTQ (2,048 tokens, plain), no sensitivity: the default above 400M", {}, "light", False),
-    "light+ref": ("GPTQ on 2,048 tokens + reference pass (GPTAQ)", {}, "light+ref", False),
-    "light8k": ("GPTQ on 8,192 text tokens, plain", {}, "light8k", False),
-    "light+sens": ("GPTQ on 2,048 tokens, plain + sensitivity", {}, "light", True),
-    "light+ref+sens": ("GPTQ on 2,048 tokens + reference pass + sensitivity", {}, "light+ref", True),
-    "default": ("--effort default: GPTQ (8,192 tokens with samples, GPTAQ) + sensitivity", {}, None, False),
-    "max": ("--effort max (a Q4 GGUF: its grid reused, Q4_1 offsets at int8)", {"effort": "max"}, None, False),
+
+
+# Calibration recipes (quantize/calibrate.FULL_GPTQ's keys): tokens in all, sequences the model samples itself
+# (128 tokens each), GPTAQ's reference pass, tokens the sensitivity pass scores on (0: no pass).
+def recipe(tokens: int, samples: int, reference: bool, sensitivity: int) -> dict[str, Any]:
+    return {"tokens": tokens, "self_generated": samples, "reference_pass": reference, "sensitivity_tokens": sensitivity}
+
+
+# label, ExportOptions overrides, the calibration recipe --effort default runs for the row (None: as shipped)
+ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
+    "fast": ("--effort fast: round to nearest", {"effort": "fast"}, None),
+    "light": (
+        "light GPTQ (2,048 tokens, plain), no sensitivity: the default above 400M",
+        {},
+        recipe(2048, 0, False, 0),
+    ),
+    "light+ref": ("GPTQ on 2,048 tokens + reference pass (GPTAQ)", {}, recipe(2048, 0, True, 0)),
+    "light8k": ("GPTQ on 8,192 text tokens, plain", {}, recipe(8192, 0, False, 0)),
+    "light+sens": ("GPTQ on 2,048 tokens, plain + sensitivity", {}, recipe(2048, 0, False, 128)),
+    "light+ref+sens": ("GPTQ on 2,048 tokens + reference pass + sensitivity", {}, recipe(2048, 0, True, 128)),
+    "4k+12s+ref+sens64": (
+        "GPTQ on 4,096 tokens (1,536 sampled) + GPTAQ + sensitivity on 64",
+        {},
+        recipe(4096, 12, True, 64),
+    ),
+    "4k+12s+ref+sens128": (
+        "GPTQ on 4,096 tokens (1,536 sampled) + GPTAQ + sensitivity on 128",
+        {},
+        recipe(4096, 12, True, 128),
+    ),
+    "4k+ref+sens64": ("GPTQ on 4,096 text tokens + GPTAQ + sensitivity on 64", {}, recipe(4096, 0, True, 64)),
+    "full": ("GPTQ on 8,192 tokens (3,072 sampled) + GPTAQ + sensitivity on 128", {}, recipe(8192, 24, True, 128)),
+    "default": ("--effort default", {}, None),
+    "max": ("--effort max (a Q4 GGUF: its grid reused, Q4_1 offsets at int8)", {"effort": "max"}, None),
     "max-tuned": (
         "--effort max --no-reuse-source-grid: GPTQ + end-to-end tuning",
         {"effort": "max", "reuse_source_grid": False},
         None,
-        False,
     ),
 }
 
@@ -49,7 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--target", default="executorch")
-    parser.add_argument("--rows", default="fast,light,light+ref,light8k,light+sens,default,max")
+    parser.add_argument("--rows", default="fast,light,light+ref+sens,4k+12s+ref+sens64,full,default,max")
+    parser.add_argument("--tie", default=None, help="the tie layout (default: the target's first)")
+    parser.add_argument("--size-budget-mb", type=float, default=None, help="as export's --size-budget")
     args = parser.parse_args()
     os.environ["MLEXPORT_CACHE_MAX_GB"] = "0"  # every row quantizes cold
 
@@ -76,21 +95,19 @@ def main() -> None:
         scored = windows.scored_mask(score_from)
         fp32 = drift.run_torch(build_decoder(loaded.spec, loaded.state_dict, max_context=window), windows)[scored]
         texts.append((windows, scored, fp32, window))
-    shipped = dict(calibrate.LIGHT_GPTQ)
-    shipped_sensitivity = pipeline.measures_sensitivity
+    shipped = dict(calibrate.DEFAULT_GPTQ)
     shipped_threshold = pipeline.LIGHT_ABOVE_PARAMS
     print("| recipe | quantize s | MB | built-in KLD | built-in top-1 % | GPL-3 KLD | GPL-3 top-1 % |")
     print("|---|---|---|---|---|---|---|")
     for key in args.rows.split(","):
-        label, overrides, variant, sensitivity = ROWS[key]
-        calibrate.LIGHT_GPTQ.clear()
-        calibrate.LIGHT_GPTQ.update(LIGHT_VARIANTS[variant] if variant else shipped)
-        pipeline.LIGHT_ABOVE_PARAMS = 0 if variant else shipped_threshold
-        pipeline.measures_sensitivity = (lambda _o, _m: True) if sensitivity else shipped_sensitivity
-        opts = dataclasses.replace(ExportOptions(target=args.target), **overrides)
+        label, overrides, row_recipe = ROWS[key]
+        calibrate.DEFAULT_GPTQ.clear()
+        calibrate.DEFAULT_GPTQ.update(row_recipe or shipped)
+        pipeline.LIGHT_ABOVE_PARAMS = 1 << 62 if row_recipe else shipped_threshold
+        opts = dataclasses.replace(ExportOptions(target=args.target, size_budget_mb=args.size_budget_mb), **overrides)
         model = build_decoder(loaded.spec, loaded.state_dict, max_context=512)
         started = time.perf_counter()
-        tie = "shared8" if args.target == "executorch" else "shared4"
+        tie = args.tie or ("shared8" if args.target == "executorch" else "shared4")
         plan = plan_for_target(model, loaded, opts, args.target, tie, lambda _t: None, StageLog())
         values = as_target_stores(compute_quantized(model, plan, loaded, None, lambda _t: None), args.target)
         apply_plan(model, plan, values)

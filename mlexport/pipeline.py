@@ -84,7 +84,7 @@ DEFAULT_MAX_CONTEXT = 2048
 # grid where the target runs it (EXACT_SOURCE_TYPES). ExecuTorch's keeps the demo's .pte + .ptd under 92 MB with
 # most of its Q4_1 body reused (int8 offsets, quantize/block_offsets.py). ONNX's keeps the demo under the
 # onnxruntime-genai builder's int4 size (86.5 MB). Core ML's keeps the demo's weight.bin under 80 MB with its whole
-# Q4_1 body reused. The README's quantization section has the measurements behind each.
+# Q4_1 body reused. docs/quantization.md has the measurements behind each.
 MIXED_SLACK = {"executorch": 0.035, "onnx": 0.095, "coreml": 0.052}
 # Zero points by default where the runtime executes them at full speed. XNNPACK runs symmetric weights only.
 # MatMulNBits takes packed uint4 zero points at no measurable cost per token, and on the demo's exported model
@@ -107,7 +107,7 @@ TIE_GRID = {"coreml": 32}
 # How many of the tie's first rows (the most frequent tokens) a 4-bit tie stores at int8 per row, per target; see
 # tie_grid. Paid from the MIXED_SLACK budget before the per-tensor upgrades.
 TIE_INT8_ROWS = {"coreml": 1000}
-# How much work the 4-bit quantization may take (--effort); the README's effort section has the time/KLD table.
+# How much work the 4-bit quantization may take (--effort); docs/performance.md has the time/KLD table.
 # fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision. max: default plus
 # end-to-end scale tuning (quantize/tune.py), ~10x the time, or a Q4 GGUF's own grid where a target can run it.
 EFFORTS = ("fast", "default", "max")
@@ -333,10 +333,8 @@ def plan_for_target(
     if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
         plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
     plan = mixed_precision(model, plan, loaded, opts, target, say, log)
-    if light_calibration(opts, model) and any(q.method == "gptq" for q in plan.tensors.values()):
-        from mlexport.quantize.calibrate import LIGHT_GPTQ
-
-        plan.gptq = dict(LIGHT_GPTQ)
+    if any(q.method == "gptq" for q in plan.tensors.values()):
+        plan.gptq = calibration_recipe(opts, model)
     tune = opts.effort == "max" and not reuses_source_grid(loaded, opts, target)  # a reused grid stays as stored
     tune = tune if opts.tune_scales is None else opts.tune_scales
     if tune and opts.quant == "4bit" and method == "gptq" and not opts.palettize:
@@ -366,11 +364,10 @@ def smoothing_windows(
         return None, "int8 activations not smoothed: the 4-bit Linears reuse the source's grid"
     if loaded.tokenizer_dir is None:
         return None, "int8 activations not smoothed: measuring their ranges needs the model's tokenizer"
-    from mlexport.quantize.calibrate import LIGHT_GPTQ
-
-    light = LIGHT_GPTQ if light_calibration(opts, model) else None
+    light = calibration_recipe(opts, model)
     if say is not None:
-        sampled = "" if light or opts.calibration else " and the model's own samples (drawn once, then cached)"
+        samples = (light or {}).get("self_generated", True)
+        sampled = "" if not samples or opts.calibration else " and the model's own samples (drawn once, then cached)"
         say(f"calibration text: the built-in corpus{sampled}; then the int8 activations' ranges for smoothing")
     windows, _ = calibration_set(
         model, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, light=light
@@ -475,9 +472,27 @@ def light_calibration(opts: ExportOptions, model: Any) -> bool:
     return opts.effort == "default" and params > LIGHT_ABOVE_PARAMS
 
 
+def calibration_recipe(opts: ExportOptions, model: Any) -> dict[str, Any] | None:
+    """The calibration recipe this effort runs (``QuantPlan.gptq``); None is the full one (calibrate.FULL_GPTQ)."""
+    from mlexport.quantize.calibrate import DEFAULT_GPTQ, LIGHT_GPTQ
+
+    if opts.effort != "default":
+        return None
+    return dict(LIGHT_GPTQ if light_calibration(opts, model) else DEFAULT_GPTQ)
+
+
+def sensitivity_tokens(opts: ExportOptions, model: Any) -> int:
+    """How many tokens the sensitivity pass scores each tensor on; 0 skips the pass."""
+    from mlexport.quantize.calibrate import FULL_GPTQ
+
+    if opts.effort == "fast":
+        return 0
+    return int((calibration_recipe(opts, model) or FULL_GPTQ)["sensitivity_tokens"])
+
+
 def measures_sensitivity(opts: ExportOptions, model: Any) -> bool:
     """Whether mixed precision measures each tensor's sensitivity (to spend the size budget on 8-bit copies)."""
-    return opts.effort != "fast" and not light_calibration(opts, model)
+    return sensitivity_tokens(opts, model) > 0
 
 
 def reuses_source_grid(loaded: LoadedModel, opts: ExportOptions, target: str) -> bool:
@@ -545,14 +560,21 @@ def mixed_precision(
     if loaded.tokenizer_dir is None:
         plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
         return plan
-    say(f"measuring each tensor's sensitivity (KLD with only it at 4 bits; {expected(model, 'sensitivity')})")
+    per_128 = STEP_SECONDS_PER_100M["sensitivity"] * sensitivity_tokens(opts, model) / 128
+    say(f"measuring each tensor's sensitivity (KLD with only it at 4 bits; {expected(model, 'sensitivity', per_128)})")
 
     def progress(done: int, total: int) -> None:
         say(f"progress:sensitivity: tensor {done}/{total}")
 
     with log.stage("sensitivity"):
         sensitivity = sensitivity_cached(
-            model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, opts.calibration, progress
+            model,
+            plan,
+            loaded.source.get("sha256"),
+            loaded.tokenizer_dir,
+            opts.calibration,
+            progress,
+            sensitivity_tokens(opts, model),
         )
     int8_group = opts.group_size if target == "onnx" else None
     exact = {name: option for name, option in exact.items() if name in sensitivity}
@@ -597,13 +619,24 @@ def _record_mixed(
 
 # Seconds per 100M parameters of each long step on a 2-core machine, from the demo's cold export (135M; the
 # sensitivity pass grows faster than this on deeper models). Only for the estimate printed before the step.
-STEP_SECONDS_PER_100M = {"sensitivity": 50, "gptq": 110, "gptq light": 45, "tuning": 1300}
+# Per 100M parameters on 2 cores: the sensitivity pass per 128 scored tokens; GPTQ's fixed solve, and its passes per
+# 8,192 calibration tokens with the reference pass (half that without).
+STEP_SECONDS_PER_100M = {"sensitivity": 32, "gptq solve": 22, "gptq passes": 66, "tuning": 1300}
 
 
-def expected(model: Any, step: str) -> str:
+def gptq_seconds_per_100m(recipe: dict[str, Any] | None) -> float:
+    """GPTQ's expected cost for a calibration recipe (``QuantPlan.gptq``; None: the full one)."""
+    from mlexport.quantize.calibrate import FULL_GPTQ
+
+    recipe = {**FULL_GPTQ, **(recipe or {})}
+    passes = STEP_SECONDS_PER_100M["gptq passes"] * recipe["tokens"] / 8192
+    return STEP_SECONDS_PER_100M["gptq solve"] + (passes if recipe["reference_pass"] else passes / 2)
+
+
+def expected(model: Any, step: str, per_100m: float | None = None) -> str:
     """'expect ~N min on 2 cores' for a long step of ``model``: said before the step starts."""
     params = sum(p.numel() for p in model.parameters())
-    seconds = STEP_SECONDS_PER_100M[step] * params / 1e8
+    seconds = (STEP_SECONDS_PER_100M[step] if per_100m is None else per_100m) * params / 1e8
     return f"expect ~{seconds / 60:.0f} min on 2 cores" if seconds >= 90 else f"expect ~{seconds:.0f} s on 2 cores"
 
 
@@ -614,8 +647,8 @@ def compute_quantized(
     from mlexport.quantize.calibrate import prepare
 
     if any(q.method == "gptq" for q in plan.tensors.values()):
-        step = "gptq light" if plan.gptq else "gptq"
-        say(f"GPTQ: calibrating block by block ({expected(model, step)}, unless cached)")
+        cost = expected(model, "gptq", gptq_seconds_per_100m(plan.gptq))
+        say(f"GPTQ: calibrating block by block ({cost}, unless cached)")
 
     def progress(done: int, total: int) -> None:
         say(f"progress:GPTQ: block {done}/{total}")

@@ -209,29 +209,37 @@ def gptq(
         c[:, dead] = 0.0
         p = alpha * ((c[perm][:, perm] @ hinv.T).triu_(diagonal=1)) @ hinv
     col_group = perm // group
-    q_all = torch.zeros(n, k)
+    col_scale = scales[:, col_group].T.contiguous()  # [column, row]: each column's group scale, in order
+    col_zero = None if symmetric else zeros[:, col_group].T.contiguous()
+    qmin, qmax = qrange(bits)
+    q_all = torch.zeros(k, n)  # [column, row] in quantization order
+    columns = weights.T.contiguous()  # [column, row]: each column and each rank-1 update is contiguous memory
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = weights[:, i1:i2].clone()
+        w1 = columns[i1:i2]
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            g = int(col_group[i1 + i])
-            scale, zero = scales[:, g], zeros[:, g]
-            column = w1[:, i]
-            q = _round(column[:, None], scale, zero, bits)[:, 0]
-            q_all[:, i1 + i] = q
-            err = (column - (q - zero) * scale) / hinv1[i, i]
-            step = err[:, None] * hinv1[i, i:][None, :]
-            if p is not None:
-                step -= column[:, None] * p[i1 + i, i1 + i : i2][None, :]
-            w1[:, i:] -= step
-            err1[:, i] = err
-        weights[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        diagonal = torch.diagonal(hinv1).tolist()
+        for i in range(i2 - i1):  # GPTQ's critical path: few, fused, in-place torch calls per column
+            column = w1[i]
+            scale = col_scale[i1 + i]
+            q = torch.div(column, scale).round_()
+            if col_zero is not None:
+                q += col_zero[i1 + i]
+            q.clamp_(qmin, qmax)
+            q_all[i1 + i] = q
+            dequantized = q if col_zero is None else q - col_zero[i1 + i]
+            err = (column - dequantized * scale).div_(diagonal[i])
+            before = column.clone() if p is not None else None
+            w1[i:].addr_(hinv1[i, i:], err, alpha=-1)
+            if before is not None:
+                w1[i:].addr_(p[i1 + i, i1 + i : i2], before)
+            err1[i] = err
+        columns[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
         if p is not None:
-            weights[:, i2:] += w1 @ p[i1:i2, i2:]
-    q_out = torch.empty_like(q_all)
-    q_out[:, perm] = q_all
+            columns[i2:].addmm_(p[i1:i2, i2:].T, w1)
+    q_out = torch.empty(n, k)
+    q_out[:, perm] = q_all.T
     return _pack(q_out, scales, zeros, bits, group, symmetric)
 
 

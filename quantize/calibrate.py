@@ -53,9 +53,15 @@ DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
 # +0.004 on the built-in corpus, whose domain (Python docs) the pydoc topics alone had been fitting.
 SELF_GENERATED = {"sequences": 24, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 0}
 Progress = Callable[[int, int], None]  # (done, total) blocks
-# The light recipe (``QuantPlan.gptq``): a quarter of the text, no self-generated samples, and plain GPTQ (no
-# full-precision reference pass): about a third of the full recipe's time.
-LIGHT_GPTQ = {"tokens": 2048, "self_generated": False, "reference_pass": False}
+# Calibration recipes (``QuantPlan.gptq``): ``tokens`` in all, of which ``self_generated`` sequences of
+# SELF_GENERATED["length"] tokens the model samples itself; GPTAQ's full-precision ``reference_pass``; and the tokens
+# the sensitivity pass scores each tensor on. GPTQ's passes and the sensitivity pass grow linearly with them.
+FULL_GPTQ = {"tokens": 8192, "self_generated": 24, "reference_pass": True, "sensitivity_tokens": 128}  # plan.gptq None
+# --effort default: half the text (1,536 of it sampled) and half the sensitivity tokens, for a default export within
+# 5 minutes on 2 cores; what that costs in drift is in docs/performance.md (benchmarks/effort_frontier.py).
+DEFAULT_GPTQ = {"tokens": 4096, "self_generated": 12, "reference_pass": True, "sensitivity_tokens": 64}
+# The light recipe: a quarter of the text, no samples, plain GPTQ, no sensitivity pass: about a third of the time.
+LIGHT_GPTQ = {"tokens": 2048, "self_generated": 0, "reference_pass": False, "sensitivity_tokens": 0}
 LIGHT_CALIBRATION = "python-pydoc-topics-light"
 
 
@@ -149,27 +155,29 @@ def calibration_set(
 ) -> tuple[list[list[int]], dict[str, Any]]:
     """GPTQ's calibration windows and their record for the plan: ``path``'s text, or by default the pydoc topics
     plus the model's own samples (from ``recorded`` when a manifest has them, else cached per model, else sampled).
-    ``light`` (LIGHT_GPTQ) takes only its first ``tokens`` tokens of the text and no samples."""
+    ``light`` (a recipe: DEFAULT_GPTQ, LIGHT_GPTQ) sets how many tokens in all and how many of them are samples."""
     from mlexport.tokenizer import Tokenizer
 
     text, info = calibration_info(path)
     token_ids = Tokenizer(tokenizer_dir).encode(text)
+    recipe = {**FULL_GPTQ, **(light or {})}
+    tokens, sequences = recipe["tokens"], int(recipe["self_generated"] or 0)
     if light is not None:
-        info = {**info, "tokens": light["tokens"]}
-        if path is None:
+        info = {**info, "tokens": tokens}
+        if path is None and not sequences:
             info["name"] = LIGHT_CALIBRATION
-        return calibration_windows(token_ids, light["tokens"]), info
-    if path is not None:
-        return calibration_windows(token_ids), info
-    generated = (recorded or {}).get("generated_ids") or _cached_self_generated(model, model_sha256)
+    if path is not None or not sequences:
+        return calibration_windows(token_ids, tokens), info
+    sampling = {**SELF_GENERATED, "sequences": sequences}
+    generated = (recorded or {}).get("generated_ids") or _cached_self_generated(model, model_sha256, sampling)
     n_generated = sum(len(g) for g in generated)
-    windows = calibration_windows(token_ids, CALIBRATION_TOKENS - n_generated) + generated
+    windows = calibration_windows(token_ids, tokens - n_generated) + generated
     digest = hashlib.sha256((info["sha256"] + json.dumps(generated)).encode()).hexdigest()
     info = {
         **info,
         "name": DEFAULT_CALIBRATION,
         "sha256": digest,
-        "self_generated": SELF_GENERATED,
+        "self_generated": sampling,
         "generated_ids": generated,
     }
     return windows, info
@@ -669,9 +677,10 @@ def sensitivity_cached(
     tokenizer_dir: Path,
     calibration: Path | None,
     progress: Progress | None = None,
+    tokens: int = FULL_GPTQ["sensitivity_tokens"],
 ) -> dict[str, float]:
     """Per-tensor sensitivity on the calibration text (see mlexport.quantize.sensitivity), cached like GPTQ."""
-    from mlexport.quantize.sensitivity import SENSITIVITY_TOKENS, tensor_sensitivity
+    from mlexport.quantize.sensitivity import tensor_sensitivity
 
     from mlexport.sources import cache_dir
     from mlexport.tokenizer import Tokenizer
@@ -679,6 +688,7 @@ def sensitivity_cached(
     text, info = calibration_info(calibration)
     # each tensor is measured alone at its full 4 bits, so the tie's int8 rows do not change the numbers
     plan = plan.without_int8_rows()
-    key = cache_key(model_sha256, dataclasses.replace(plan, calibration=info, mixed={"n": SENSITIVITY_TOKENS}))
+    key = cache_key(model_sha256, dataclasses.replace(plan, calibration=info, mixed={"n": tokens}))
     path = cache_dir() / "quantized" / f"{key}.sensitivity.json" if key else None
-    return _json_cached(path, lambda: tensor_sensitivity(model, plan, Tokenizer(tokenizer_dir).encode(text), progress))
+    ids = Tokenizer(tokenizer_dir).encode(text)
+    return _json_cached(path, lambda: tensor_sensitivity(model, plan, ids, progress, tokens))

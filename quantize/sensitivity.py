@@ -20,16 +20,15 @@ from torch import nn
 
 from mlexport.sharing import planned_tensor_bytes
 
-SENSITIVITY_TOKENS = 128
 Progress = Callable[[int, int], None]
 
 
 @torch.no_grad()
 def tensor_sensitivity(
-    model: nn.Module, plan: QuantPlan, tokens: list[int], progress: Progress | None = None
+    model: nn.Module, plan: QuantPlan, tokens: list[int], progress: Progress | None = None, n_tokens: int = 128
 ) -> dict[str, float]:
-    """KLD(fp32 ‖ only this tensor quantized) per 4-bit Linear weight of the blocks, over ``tokens``."""
-    tokens = tokens[: min(SENSITIVITY_TOKENS, model.max_context)]
+    """KLD(fp32 ‖ only this tensor quantized) per 4-bit Linear weight of the blocks, over the first ``n_tokens``."""
+    tokens = tokens[: min(n_tokens, model.max_context)]
     t = len(tokens)
     (cos, sin), rot = model.rope(0, t), model.rope_rot_t
     h = model.embed(torch.tensor([tokens]))

@@ -4,7 +4,7 @@
 Why: a few channels of a Linear's input (the norms' outputs, SwiGLU's product) set each token's int8 range, so
 every other channel is rounded coarsely. SmoothQuant divides each channel by a factor and multiplies the weight's
 column by it, but a factor per channel moves the demo's Q4_1 source weights off the grid a 4-bit group quantizer
-fits them on (README: sessions 8 and 14, the held-out text lost). Here the factor is constant over each
+fits them on (docs/quantization.md, "Tried and not kept": the held-out text lost). Here the factor is constant over each
 quantization group of 32 input channels, so it scales whole groups: symmetric group quantization is
 scale-equivariant (``rtn(W s) == rtn(W) s`` for a per-group ``s``), the 4-bit weights' error in the output is
 exactly what it was, and only the activations' rounding improves. Per-row factors (``up_proj``'s rows for

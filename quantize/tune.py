@@ -21,7 +21,7 @@ because the samples follow the model's training distribution rather than one dom
 calibration tokens alone fitted them far closer (KL 0.10 -> 0.056) and held-out text less (demo, eager, GPL-3 under
 llama.cpp's protocol: 0.129 -> 0.117, against 0.109 with the samples). The samples include conversations the
 model writes after its chat template's opening: tuned on plain text alone, the demo's chat answers moved (see
-``TUNE_DEFAULT``). Measured numbers: README, Quantization, item 1.
+``TUNE_DEFAULT``). Measured numbers: docs/quantization.md, item 1.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlexport.quantize.calibrate import DEFAULT_GPTQ
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
     assert plan["smoothing"]["group"] == 32 and len(plan["smoothing"]["factors"]) == 30 * 3
     assert all(plan["tensors"][k]["scheme"] == ("int8_dynact" if k in upgraded else "int4_dynact") for k in linears)
     assert all(plan["tensors"][k]["method"] == "gptq" for k in linears)
-    assert "gptq" not in plan and not plan["tune"]  # the full GPTQ recipe, untuned (--effort max tunes)
+    assert plan["gptq"] == DEFAULT_GPTQ and not plan["tune"]  # the default recipe, untuned (--effort max tunes)
     stored = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model."))
     assert stored <= 92e6, stored  # llama.cpp Q4_0's size: the drift issue's bar
 

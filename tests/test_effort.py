@@ -29,9 +29,11 @@ def _manifest(tiny_dir: Path, out: Path, effort: str, **extra: object) -> dict:
 def test_each_effort_level_runs_and_is_recorded(
     effort: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fast: round to nearest, nothing calibrated. default: GPTQ (self-generated samples, reference pass) and the
-    sensitivity pass; above LIGHT_ABOVE_PARAMS ("light" here) the light GPTQ recipe and no sensitivity pass. max:
-    default plus the end-to-end tuning."""
+    """fast: round to nearest, nothing calibrated. default: GPTQ on DEFAULT_GPTQ (self-generated samples,
+    reference pass) and the sensitivity pass; above LIGHT_ABOVE_PARAMS ("light" here) the light GPTQ recipe and no
+    sensitivity pass. max: the full recipe (recorded as no recipe) plus the end-to-end tuning."""
+    from mlexport.quantize.calibrate import DEFAULT_GPTQ, FULL_GPTQ, LIGHT_GPTQ, SELF_GENERATED
+
     import mlexport.pipeline as pipeline
 
     if effort == "light":
@@ -47,19 +49,25 @@ def test_each_effort_level_runs_and_is_recorded(
         assert "sensitivity" not in names
     elif effort == "light":
         assert body and all(q["method"] == "gptq" for q in body)
-        assert plan["gptq"] == {"tokens": 2048, "self_generated": False, "reference_pass": False}
+        assert plan["gptq"] == LIGHT_GPTQ
         assert plan["calibration"]["name"] == "python-pydoc-topics-light" and not plan.get("tune")
         assert "sensitivity" not in names and not plan.get("mixed") and not manifest["warnings"]
     else:
-        assert plan["calibration"]["self_generated"] and "gptq" not in plan
+        recipe = DEFAULT_GPTQ if effort == "default" else FULL_GPTQ
+        assert plan.get("gptq") == (DEFAULT_GPTQ if effort == "default" else None)
+        sampled = plan["calibration"]["self_generated"]
+        assert sampled == {**SELF_GENERATED, "sequences": recipe["self_generated"]}
+        assert len(plan["calibration"]["generated_ids"]) == recipe["self_generated"]
         assert "sensitivity" in names and plan["mixed"]["sensitivity_sum"] is not None
         assert bool(plan["tune"]) == (effort == "max")
 
 
 def test_onnx_default_runs_the_same_recipe(tiny_dir: Path, tmp_path: Path) -> None:
     """One default recipe for every target: ONNX calibrates like ExecuTorch, untuned."""
+    from mlexport.quantize.calibrate import DEFAULT_GPTQ
+
     plan = _manifest(tiny_dir, tmp_path / "onnx", "default", target="onnx")["quant_plan"]
-    assert "gptq" not in plan and plan["calibration"]["self_generated"] and not plan.get("tune")
+    assert plan["gptq"] == DEFAULT_GPTQ and plan["calibration"]["self_generated"] and not plan.get("tune")
 
 
 def test_unknown_effort_is_refused_before_any_work() -> None:

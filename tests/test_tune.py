@@ -99,7 +99,7 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: P
     assert _kld(model, after, windows) < 0.9 * _kld(model, before, windows)
     assert _kld(model, after, held_out) < _kld(model, before, held_out)
     # What a manifest tuned before the gains were reproduces. Whether the gains help is measured on the demo
-    # (README, Quantization, item 1: held-out 0.1067 -> 0.1039 eager); on this random model the two are within 1%.
+    # (docs/quantization.md, item 1: held-out 0.1067 -> 0.1039 eager); on this random model the two are within 1%.
     scales_only = tune_scales(model, plan, gptq_values, windows, "executorch", {**recipe, "norm_lr": 0})
     assert set(scales_only) == set(gptq_values) | {table}
 

@@ -5,7 +5,7 @@ The flow: find the device, push the ``.pte`` (and ``.ptd``), the tokenizer and t
 ``PyTorchObserver {json}`` stats line (and its "RSS after ..." lines), then remove the directory.
 
 The runner is the user's arm64-v8a build of ExecuTorch's ``examples/models/llama`` (``llama_main``), passed with
-``--runner`` or ``$MLEXPORT_ANDROID_RUNNER``; README "Benchmarks on Android" gives the build commands.
+``--runner`` or ``$MLEXPORT_ANDROID_RUNNER``; docs/performance.md, "Benchmarks on Android", gives the build commands.
 Commands are built and outputs parsed by plain functions so tests check them against recorded real outputs.
 """
 
@@ -176,7 +176,7 @@ def bench_on_device(
     if runner is None or not runner.is_file():
         raise MlexportError(
             "--device adb needs ExecuTorch's llama_main built for arm64-v8a: pass --runner PATH or set "
-            "MLEXPORT_ANDROID_RUNNER (README: Benchmarks on Android)"
+            "MLEXPORT_ANDROID_RUNNER (docs/performance.md: Benchmarks on Android)"
         )
     ptd = artifact_dir / "model.ptd"
     files = [artifact_dir / "model.pte", *([ptd] if ptd.is_file() else []), artifact_dir / "tokenizer.json"]

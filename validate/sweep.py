@@ -4,7 +4,7 @@ Each row quantizes the model exactly as ``export`` would for that target (same p
 mixed-precision choice, same tie layout) and runs it in eager PyTorch (torchao's kernels) over the validation
 corpus. Sizes are the plan's predicted bytes for that target's storage (what ``inspect`` checks artifacts
 against). What the sweep leaves out is the exporter's own error, which ``mlexport validate`` measures on the
-artifact; it is small next to these differences (see the README's export-level column).
+artifact; it is small next to these differences (docs/quantization.md, "What the export level measures").
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SWEEP_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("4bit gptq asym + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True}),
     # blocks of 64 with the target's own zero-point default: the smallest 4-bit row, and on ONNX the fast one
     # (decode there is memory-bound: 1.10x the onnxruntime-genai builder on the demo, against ~0.88x for the
-    # default; README, "Session 10: why, measured")
+    # default; docs/quantization.md, "ONNX: speed decides the default")
     ("4bit gptq block 64", {"quant": "4bit", "quantizer": "gptq", "group_size": 64, "size_budget_mb": 0}),
 )
 
