@@ -50,6 +50,12 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
         {},
         recipe(4096, 12, True, 128),
     ),
+    "4k+ref+sens128": ("GPTQ on 4,096 text tokens + GPTAQ + sensitivity on 128", {}, recipe(4096, 0, True, 128)),
+    "3k+8s+ref+sens128": (
+        "GPTQ on 3,072 tokens (1,024 sampled) + GPTAQ + sensitivity on 128",
+        {},
+        recipe(3072, 8, True, 128),
+    ),
     "4k+ref+sens64": ("GPTQ on 4,096 text tokens + GPTAQ + sensitivity on 64", {}, recipe(4096, 0, True, 64)),
     "full": ("GPTQ on 8,192 tokens (3,072 sampled) + GPTAQ + sensitivity on 128", {}, recipe(8192, 24, True, 128)),
     "default": ("--effort default", {}, None),

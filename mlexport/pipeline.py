@@ -101,16 +101,18 @@ EXACT_SOURCE_TYPES = {"executorch": ("Q4_0", "Q4_1"), "onnx": ("Q4_0", "Q4_1"), 
 # the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
 # expands its constexpr weights when the model loads. On ExecuTorch the offsets' extra Linears more than double
 # the XNNPACK lowering time, so it reuses grids at --effort max only. The efforts at which each target reuses them:
-REUSE_GRID_DEFAULT = {"executorch": ("max",), "onnx": (), "coreml": ("fast", "default", "max")}
+REUSE_GRID_DEFAULT = {"executorch": ("max",), "onnx": (), "coreml": ("fast", "default", "high", "max")}
 # The tie's block size (with zero points) per target; see tie_grid.
 TIE_GRID = {"coreml": 32}
 # How many of the tie's first rows (the most frequent tokens) a 4-bit tie stores at int8 per row, per target; see
 # tie_grid. Paid from the MIXED_SLACK budget before the per-tensor upgrades.
 TIE_INT8_ROWS = {"coreml": 1000}
 # How much work the 4-bit quantization may take (--effort); docs/performance.md has the time/KLD table.
-# fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision. max: default plus
-# end-to-end scale tuning (quantize/tune.py), ~10x the time, or a Q4 GGUF's own grid where a target can run it.
-EFFORTS = ("fast", "default", "max")
+# fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision on half the
+# calibration (DEFAULT_GPTQ), within 5 minutes for the demo. high: the same on the full calibration (FULL_GPTQ).
+# max: high plus end-to-end scale tuning (quantize/tune.py), ~10x the time, or a Q4 GGUF's own grid where a target
+# can run it.
+EFFORTS = ("fast", "default", "high", "max")
 # Above this many parameters the default effort calibrates lightly (quantize/calibrate.LIGHT_GPTQ: 2,048 tokens of
 # the built-in text, plain GPTQ) and skips the sensitivity pass, whose cost grows with depth squared: at the 1B
 # shape the full recipe alone would take most of an hour on 2 cores. benchmarks/effort_frontier.py measures both.

@@ -6,6 +6,7 @@ Nothing here executes a checkpoint's code: configs are read as JSON, ``.bin`` fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,14 +490,15 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     return LoadedModel(
         spec=spec,
         state_dict=sd,
-        tokenizer_dir=gguf_tokenizer_dir(path),
+        tokenizer_dir=gguf_tokenizer_dir(path, reader),
         source={"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path), "gguf_types": quant_types},
         source_grids=grids,
     )
 
 
-def gguf_tokenizer_dir(path: Path) -> Path:
-    """Convert the GGUF's embedded tokenizer to ``tokenizer.json`` once (cached by file hash)."""
+def gguf_tokenizer_dir(path: Path, reader: Any = None) -> Path:
+    """Convert the GGUF's embedded tokenizer to ``tokenizer.json`` once (cached by file hash). ``reader``: this
+    file's parsed ``GGUFReader``, handed to transformers instead of parsing the file again (~4 s on the demo)."""
     stat = path.stat()
     key = hashlib.sha256(f"isolated:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "tokenizers" / key
@@ -508,9 +511,32 @@ def gguf_tokenizer_dir(path: Path) -> Path:
     # tokenizer_config.json (with its auto_map code) or a different tokenizer.json lying beside the file.
     with tempfile.TemporaryDirectory(dir=out.parent) as isolated:
         (Path(isolated) / "model.gguf").symlink_to(path.resolve())
-        tok = AutoTokenizer.from_pretrained(isolated, gguf_file="model.gguf", trust_remote_code=False)
+        with _reused_gguf_reader(path, reader):
+            tok = AutoTokenizer.from_pretrained(isolated, gguf_file="model.gguf", trust_remote_code=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
     tok.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+@contextlib.contextmanager
+def _reused_gguf_reader(path: Path, reader: Any) -> Iterator[None]:
+    """While transformers reads ``path``'s tokenizer, ``gguf.GGUFReader(path)`` returns the reader we have."""
+    import gguf
+
+    original = gguf.GGUFReader
+    if reader is None:
+        yield
+        return
+
+    def reuse(target: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and Path(target).resolve() == path.resolve():
+            return reader
+        return original(target, *args, **kwargs)
+
+    gguf.GGUFReader = reuse
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original

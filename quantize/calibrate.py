@@ -57,12 +57,14 @@ Progress = Callable[[int, int], None]  # (done, total) blocks
 # SELF_GENERATED["length"] tokens the model samples itself; GPTAQ's full-precision ``reference_pass``; and the tokens
 # the sensitivity pass scores each tensor on. GPTQ's passes and the sensitivity pass grow linearly with them.
 FULL_GPTQ = {"tokens": 8192, "self_generated": 24, "reference_pass": True, "sensitivity_tokens": 128}  # plan.gptq None
-# --effort default: half the text (1,536 of it sampled) and half the sensitivity tokens, for a default export within
-# 5 minutes on 2 cores; what that costs in drift is in docs/performance.md (benchmarks/effort_frontier.py).
-DEFAULT_GPTQ = {"tokens": 4096, "self_generated": 12, "reference_pass": True, "sensitivity_tokens": 64}
+# --effort default: half the tokens, none of them sampled, for a demo export within 5 minutes on 2 cores. Chosen on
+# the built-in corpus among the recipes that fit that time (docs/performance.md, benchmarks/effort_frontier.py).
+DEFAULT_GPTQ = {"tokens": 4096, "self_generated": 0, "reference_pass": True, "sensitivity_tokens": 128}
 # The light recipe: a quarter of the text, no samples, plain GPTQ, no sensitivity pass: about a third of the time.
 LIGHT_GPTQ = {"tokens": 2048, "self_generated": 0, "reference_pass": False, "sensitivity_tokens": 0}
-LIGHT_CALIBRATION = "python-pydoc-topics-light"
+# The built-in text alone, its first ``tokens`` tokens (recorded beside the name); the older name is still read.
+TEXT_CALIBRATION = "python-pydoc-topics-first-tokens"
+TEXT_CALIBRATION_NAMES = (TEXT_CALIBRATION, "python-pydoc-topics-light")
 
 
 def default_calibration_text() -> str:
@@ -165,7 +167,7 @@ def calibration_set(
     if light is not None:
         info = {**info, "tokens": tokens}
         if path is None and not sequences:
-            info["name"] = LIGHT_CALIBRATION
+            info["name"] = TEXT_CALIBRATION
     if path is not None or not sequences:
         return calibration_windows(token_ids, tokens), info
     sampling = {**SELF_GENERATED, "sequences": sequences}
@@ -265,11 +267,10 @@ def quantize_weights(
     needs_data = any(q.method == "gptq" for q in wanted.values())
     if needs_data and not windows:
         raise MlexportError("GPTQ needs calibration text; pass --calibration FILE or choose --quantizer search")
-    work = copy.deepcopy(model)
-    modules = dict(work.named_modules())
+    modules = dict(model.named_modules())
     with torch.no_grad():
         if needs_data:
-            _sequential(work, model if reference_pass else None, wanted, windows or [], results, progress)
+            _sequential(model, reference_pass, wanted, windows or [], results, progress)
         for name, q in wanted.items():  # what the block pass did not cover: embedding, head, data-free methods
             if name not in results:
                 weight = modules[name.removesuffix(".weight")].weight
@@ -307,21 +308,23 @@ _STEPS = (
 
 
 def _sequential(
-    work: nn.Module,
-    reference: nn.Module | None,
+    model: nn.Module,
+    reference_pass: bool,
     wanted: dict[str, TensorQuant],
     windows: list[list[int]],
     results: dict[str, QuantizedWeight],
     progress: Progress | None,
 ) -> None:
-    """GPTAQ block by block: ``work`` is quantized in place while ``reference`` (the same weights, never changed)
-    gives the full-precision inputs each Linear should have seen. Without a reference, plain GPTQ."""
-    limit = work.max_context  # the RoPE tables end there: cut longer windows into pieces
+    """GPTAQ block by block. ``model`` never changes: each block is copied, quantized in place and run on the
+    quantized stream, while the model's own block gives the full-precision inputs each Linear should have seen
+    (``reference_pass``; without it, plain GPTQ). One block's copy at a time, not the whole model's."""
+    limit = model.max_context  # the RoPE tables end there: cut longer windows into pieces
     pieces = [w[i : i + limit] for w in windows for i in range(0, len(w), limit)]
-    hidden = [work.embed(torch.tensor([w])) for w in pieces]
-    hidden_fp = [h.clone() for h in hidden] if reference is not None else []
-    layer_map = list(work.layer_map)
+    hidden = [model.embed(torch.tensor([w])) for w in pieces]
+    hidden_fp = [h.clone() for h in hidden] if reference_pass else []
+    layer_map = list(model.layer_map)
     n_blocks = len(set(layer_map))
+    quantized_blocks: dict[int, nn.Module] = {}  # a block's quantized copy, kept while the layer map reuses it
     done: set[int] = set()
     i = 0
     while i < len(layer_map):
@@ -329,44 +332,48 @@ def _sequential(
         runs = 1
         while i + runs < len(layer_map) and layer_map[i + runs] == b:
             runs += 1
-        block = work.layers[b]
-        fp_block = reference.layers[b] if reference is not None else None
+        fp_block = model.layers[b] if reference_pass else None
         next_fp = None  # the full-precision stream after this block, when the capture pass already ran it
+        block = quantized_blocks.get(b)
         if b not in done:
             prefix = f"layers.{b}."
+            block = copy.deepcopy(model.layers[b])
             if any(name.startswith(prefix) for name in wanted):  # a block kept exact needs no Hessian
                 fp_inputs: dict[str, list[torch.Tensor]] | None = None
                 if fp_block is not None:
                     fp_inputs = {step[0]: [] for step in _STEPS}
                     next_fp = _run_with_hooks(
-                        work, fp_block, hidden_fp, runs, fp_inputs, lambda n, x, store=fp_inputs: store[n].append(x)
+                        model, fp_block, hidden_fp, runs, fp_inputs, lambda n, x, store=fp_inputs: store[n].append(x)
                     )
-                stats = _step_statistics(work, block, hidden, runs, fp_inputs)
+                stats = _step_statistics(model, block, hidden, runs, fp_inputs)
                 for step in _STEPS:
                     names = [n for n in step if f"{prefix}{n}.weight" in wanted]
                     if names:
                         _quantize_step(block, prefix, names, wanted, *stats[step[0]], results)
+            quantized_blocks[b] = block
             done.add(b)
             if progress:
                 progress(len(done), n_blocks)
-        hidden = _run_with_hooks(work, block, hidden, runs, {}, None)
+        hidden = _run_with_hooks(model, block, hidden, runs, {}, None)
         if fp_block is not None:
-            hidden_fp = next_fp if next_fp is not None else _run_with_hooks(work, fp_block, hidden_fp, runs, {}, None)
+            hidden_fp = next_fp if next_fp is not None else _run_with_hooks(model, fp_block, hidden_fp, runs, {}, None)
         i += runs
+        if b not in layer_map[i:]:  # the layer map never runs it again: free its copy
+            del quantized_blocks[b]
     # The head reads the final norm's output. For a tied model its 4-bit values are also the embedding table
     # (shared4), so GPTQ on the head helps the logits most, which is where a 4-bit tie costs the most drift.
     head = wanted.get("lm_head.weight")
     if head is not None and head.method == "gptq":
-        x = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden]).float()
+        x = torch.cat([model.head_input(h).reshape(-1, h.shape[-1]) for h in hidden]).float()
         cross = None
-        if reference is not None:
-            x_fp = torch.cat([work.head_input(h).reshape(-1, h.shape[-1]) for h in hidden_fp]).float()
+        if reference_pass:
+            x_fp = torch.cat([model.head_input(h).reshape(-1, h.shape[-1]) for h in hidden_fp]).float()
             cross = (x_fp - x).T @ x
-        results["lm_head.weight"] = quantize_one(work.lm_head.weight.detach(), head, x.T @ x, cross)
+        results["lm_head.weight"] = quantize_one(model.lm_head.weight.detach(), head, x.T @ x, cross)
 
 
 def _run_with_hooks(
-    work: nn.Module,
+    model: nn.Module,
     block: nn.Module,
     hidden: list[torch.Tensor],
     runs: int,
@@ -386,7 +393,7 @@ def _run_with_hooks(
     try:
         for h in hidden:
             for _ in range(runs):
-                h = _run_block(work, block, h)
+                h = _run_block(model, block, h)
             out.append(h)
     finally:
         for handle in hooks:
@@ -395,7 +402,7 @@ def _run_with_hooks(
 
 
 def _step_statistics(
-    work: nn.Module,
+    model: nn.Module,
     block: nn.Module,
     hidden: list[torch.Tensor],
     runs: int,
@@ -414,7 +421,7 @@ def _step_statistics(
             acc[1] = (0 if acc[1] is None else acc[1]) + (fp_inputs[name][acc[2]] - x).T @ x
         acc[2] += 1
 
-    _run_with_hooks(work, block, hidden, runs, names, seen)
+    _run_with_hooks(model, block, hidden, runs, names, seen)
     return {name: (acc[0], acc[1]) for name, acc in stats.items()}
 
 
@@ -455,10 +462,10 @@ def _key(q: TensorQuant) -> tuple:
     return (q.method, q.bits, q.group_size, q.asymmetric)
 
 
-def _run_block(work: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def _run_block(model: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     t = h.shape[1]
-    cos, sin = work.rope(0, t)
-    h = h + block.self_attn(block.input_layernorm(h), cos, sin, work.rope_rot_t, None, None, "torch")
+    cos, sin = model.rope(0, t)
+    h = h + block.self_attn(block.input_layernorm(h), cos, sin, model.rope_rot_t, None, None, "torch")
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
@@ -613,7 +620,7 @@ def prepare(
                 "this artifact was quantized by an older mlexport (pydoc-only calibration, GPTQ damping 0.01), "
                 "whose values this version does not reproduce; re-export it with this version"
             )
-        if calibration is None and recorded and recorded["name"] not in (DEFAULT_CALIBRATION, LIGHT_CALIBRATION):
+        if calibration is None and recorded and recorded["name"] not in (DEFAULT_CALIBRATION, *TEXT_CALIBRATION_NAMES):
             calibration = Path(recorded["name"])
         if tokenizer_dir is None:
             raise MlexportError("GPTQ needs the model's tokenizer for calibration; use --quantizer search")

@@ -25,14 +25,14 @@ def _manifest(tiny_dir: Path, out: Path, effort: str, **extra: object) -> dict:
     return json.loads((artifact / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("effort", ["fast", "light", "default", "max"])
+@pytest.mark.parametrize("effort", ["fast", "light", "default", "high", "max"])
 def test_each_effort_level_runs_and_is_recorded(
     effort: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fast: round to nearest, nothing calibrated. default: GPTQ on DEFAULT_GPTQ (self-generated samples,
     reference pass) and the sensitivity pass; above LIGHT_ABOVE_PARAMS ("light" here) the light GPTQ recipe and no
-    sensitivity pass. max: the full recipe (recorded as no recipe) plus the end-to-end tuning."""
-    from mlexport.quantize.calibrate import DEFAULT_GPTQ, FULL_GPTQ, LIGHT_GPTQ, SELF_GENERATED
+    sensitivity pass. high: the full recipe (recorded as no recipe). max: high plus the end-to-end tuning."""
+    from mlexport.quantize.calibrate import DEFAULT_GPTQ, FULL_GPTQ, LIGHT_GPTQ, SELF_GENERATED, TEXT_CALIBRATION
 
     import mlexport.pipeline as pipeline
 
@@ -50,14 +50,18 @@ def test_each_effort_level_runs_and_is_recorded(
     elif effort == "light":
         assert body and all(q["method"] == "gptq" for q in body)
         assert plan["gptq"] == LIGHT_GPTQ
-        assert plan["calibration"]["name"] == "python-pydoc-topics-light" and not plan.get("tune")
+        assert plan["calibration"]["name"] == TEXT_CALIBRATION and not plan.get("tune")
         assert "sensitivity" not in names and not plan.get("mixed") and not manifest["warnings"]
     else:
         recipe = DEFAULT_GPTQ if effort == "default" else FULL_GPTQ
         assert plan.get("gptq") == (DEFAULT_GPTQ if effort == "default" else None)
-        sampled = plan["calibration"]["self_generated"]
-        assert sampled == {**SELF_GENERATED, "sequences": recipe["self_generated"]}
-        assert len(plan["calibration"]["generated_ids"]) == recipe["self_generated"]
+        if recipe["self_generated"]:
+            sampled = plan["calibration"]["self_generated"]
+            assert sampled == {**SELF_GENERATED, "sequences": recipe["self_generated"]}
+            assert len(plan["calibration"]["generated_ids"]) == recipe["self_generated"]
+        else:
+            assert plan["calibration"]["name"] == TEXT_CALIBRATION
+            assert plan["calibration"]["tokens"] == recipe["tokens"]
         assert "sensitivity" in names and plan["mixed"]["sensitivity_sum"] is not None
         assert bool(plan["tune"]) == (effort == "max")
 
@@ -67,7 +71,7 @@ def test_onnx_default_runs_the_same_recipe(tiny_dir: Path, tmp_path: Path) -> No
     from mlexport.quantize.calibrate import DEFAULT_GPTQ
 
     plan = _manifest(tiny_dir, tmp_path / "onnx", "default", target="onnx")["quant_plan"]
-    assert plan["gptq"] == DEFAULT_GPTQ and plan["calibration"]["self_generated"] and not plan.get("tune")
+    assert plan["gptq"] == DEFAULT_GPTQ and plan["calibration"]["tokens"] == 4096 and not plan.get("tune")
 
 
 def test_unknown_effort_is_refused_before_any_work() -> None:
