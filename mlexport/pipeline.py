@@ -117,6 +117,10 @@ EFFORTS = ("fast", "default", "high", "max")
 # the built-in text, plain GPTQ) and skips the sensitivity pass, whose cost grows with depth squared: at the 1B
 # shape the full recipe alone would take most of an hour on 2 cores. benchmarks/effort_frontier.py measures both.
 LIGHT_ABOVE_PARAMS = 400_000_000
+# Targets whose default effort calibrates on the full recipe. Core ML's body reuses the source grid, so its only
+# GPTQ tensor is the tie (~25 s either way), and its 64-token continuation bar has no token to spare: the model's
+# own samples in the calibration keep it (58 of 64; 56 on the text-only half).
+FULL_CALIBRATION_TARGETS = ("coreml",)
 
 Status = Callable[[str], None]
 
@@ -336,7 +340,7 @@ def plan_for_target(
         plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
     plan = mixed_precision(model, plan, loaded, opts, target, say, log)
     if any(q.method == "gptq" for q in plan.tensors.values()):
-        plan.gptq = calibration_recipe(opts, model)
+        plan.gptq = calibration_recipe(opts, model, target)
     tune = opts.effort == "max" and not reuses_source_grid(loaded, opts, target)  # a reused grid stays as stored
     tune = tune if opts.tune_scales is None else opts.tune_scales
     if tune and opts.quant == "4bit" and method == "gptq" and not opts.palettize:
@@ -366,7 +370,7 @@ def smoothing_windows(
         return None, "int8 activations not smoothed: the 4-bit Linears reuse the source's grid"
     if loaded.tokenizer_dir is None:
         return None, "int8 activations not smoothed: measuring their ranges needs the model's tokenizer"
-    light = calibration_recipe(opts, model)
+    light = calibration_recipe(opts, model, target)
     if say is not None:
         samples = (light or {}).get("self_generated", True)
         sampled = "" if not samples or opts.calibration else " and the model's own samples (drawn once, then cached)"
@@ -474,27 +478,30 @@ def light_calibration(opts: ExportOptions, model: Any) -> bool:
     return opts.effort == "default" and params > LIGHT_ABOVE_PARAMS
 
 
-def calibration_recipe(opts: ExportOptions, model: Any) -> dict[str, Any] | None:
-    """The calibration recipe this effort runs (``QuantPlan.gptq``); None is the full one (calibrate.FULL_GPTQ)."""
+def calibration_recipe(opts: ExportOptions, model: Any, target: str) -> dict[str, Any] | None:
+    """The calibration recipe this effort runs for ``target`` (``QuantPlan.gptq``); None is the full one
+    (calibrate.FULL_GPTQ)."""
     from mlexport.quantize.calibrate import DEFAULT_GPTQ, LIGHT_GPTQ
 
     if opts.effort != "default":
         return None
-    return dict(LIGHT_GPTQ if light_calibration(opts, model) else DEFAULT_GPTQ)
+    if light_calibration(opts, model):
+        return dict(LIGHT_GPTQ)
+    return None if target in FULL_CALIBRATION_TARGETS else dict(DEFAULT_GPTQ)
 
 
-def sensitivity_tokens(opts: ExportOptions, model: Any) -> int:
+def sensitivity_tokens(opts: ExportOptions, model: Any, target: str) -> int:
     """How many tokens the sensitivity pass scores each tensor on; 0 skips the pass."""
     from mlexport.quantize.calibrate import FULL_GPTQ
 
     if opts.effort == "fast":
         return 0
-    return int((calibration_recipe(opts, model) or FULL_GPTQ)["sensitivity_tokens"])
+    return int((calibration_recipe(opts, model, target) or FULL_GPTQ)["sensitivity_tokens"])
 
 
-def measures_sensitivity(opts: ExportOptions, model: Any) -> bool:
+def measures_sensitivity(opts: ExportOptions, model: Any, target: str) -> bool:
     """Whether mixed precision measures each tensor's sensitivity (to spend the size budget on 8-bit copies)."""
-    return sensitivity_tokens(opts, model) > 0
+    return sensitivity_tokens(opts, model, target) > 0
 
 
 def reuses_source_grid(loaded: LoadedModel, opts: ExportOptions, target: str) -> bool:
@@ -557,12 +564,12 @@ def mixed_precision(
         mixed, upgrades = choose_upgrades(model, plan, unranked, budget, SCALE_BYTES[target], None, exact)
         if len(upgrades) == len(candidates):
             return _record_mixed(mixed, upgrades, budget, cap, None, say)
-    if not measures_sensitivity(opts, model):  # the effort level's choice, in the manifest
+    if not measures_sensitivity(opts, model, target):  # the effort level's choice, in the manifest
         return plan
     if loaded.tokenizer_dir is None:
         plan.notes.append("mixed precision skipped: measuring sensitivity needs the model's tokenizer")
         return plan
-    per_128 = STEP_SECONDS_PER_100M["sensitivity"] * sensitivity_tokens(opts, model) / 128
+    per_128 = STEP_SECONDS_PER_100M["sensitivity"] * sensitivity_tokens(opts, model, target) / 128
     say(f"measuring each tensor's sensitivity (KLD with only it at 4 bits; {expected(model, 'sensitivity', per_128)})")
 
     def progress(done: int, total: int) -> None:
@@ -576,7 +583,7 @@ def mixed_precision(
             loaded.tokenizer_dir,
             opts.calibration,
             progress,
-            sensitivity_tokens(opts, model),
+            sensitivity_tokens(opts, model, target),
         )
     int8_group = opts.group_size if target == "onnx" else None
     exact = {name: option for name, option in exact.items() if name in sensitivity}

@@ -29,8 +29,8 @@ def _manifest(tiny_dir: Path, out: Path, effort: str, **extra: object) -> dict:
 def test_each_effort_level_runs_and_is_recorded(
     effort: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fast: round to nearest, nothing calibrated. default: GPTQ on DEFAULT_GPTQ (self-generated samples,
-    reference pass) and the sensitivity pass; above LIGHT_ABOVE_PARAMS ("light" here) the light GPTQ recipe and no
+    """fast: round to nearest, nothing calibrated. default: GPTQ on DEFAULT_GPTQ (4,096 text tokens, reference
+    pass) and the sensitivity pass; above LIGHT_ABOVE_PARAMS ("light" here) the light GPTQ recipe and no
     sensitivity pass. high: the full recipe (recorded as no recipe). max: high plus the end-to-end tuning."""
     from mlexport.quantize.calibrate import DEFAULT_GPTQ, FULL_GPTQ, LIGHT_GPTQ, SELF_GENERATED, TEXT_CALIBRATION
 
@@ -72,6 +72,24 @@ def test_onnx_default_runs_the_same_recipe(tiny_dir: Path, tmp_path: Path) -> No
 
     plan = _manifest(tiny_dir, tmp_path / "onnx", "default", target="onnx")["quant_plan"]
     assert plan["gptq"] == DEFAULT_GPTQ and plan["calibration"]["tokens"] == 4096 and not plan.get("tune")
+
+
+def test_coreml_default_calibrates_on_the_full_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Core ML's only GPTQ tensor at the default is the tie, so the full recipe costs little there and keeps its
+    continuation bar; the other targets run DEFAULT_GPTQ, and every target goes light above LIGHT_ABOVE_PARAMS."""
+    import torch
+    from mlexport.quantize.calibrate import DEFAULT_GPTQ, LIGHT_GPTQ
+
+    import mlexport.pipeline as pipeline
+
+    model = torch.nn.Linear(8, 8)
+    default = pipeline.ExportOptions(effort="default")
+    assert pipeline.calibration_recipe(default, model, "coreml") is None
+    assert pipeline.calibration_recipe(default, model, "executorch") == DEFAULT_GPTQ
+    assert pipeline.calibration_recipe(default, model, "onnx") == DEFAULT_GPTQ
+    assert pipeline.calibration_recipe(pipeline.ExportOptions(effort="high"), model, "executorch") is None
+    monkeypatch.setattr(pipeline, "LIGHT_ABOVE_PARAMS", 0)  # as if the model were a 1B one
+    assert pipeline.calibration_recipe(default, model, "coreml") == LIGHT_GPTQ
 
 
 def test_unknown_effort_is_refused_before_any_work() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mlexport.quantize import plan_quantization
+from mlexport.quantize.calibrate import TEXT_CALIBRATION
 from mlexport.quantize.torchao_map import apply_plan, is_quantized
 from mlexport.validate.runtimes import open_runtime
 from tiny import VOCAB, llama_config, random_state_dict, save_hf_dir
@@ -149,10 +150,7 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
         "int8_dynact": 1,  # the tied head, reading the embedding's int8 table
         "int8_weight rtn": 1,
     }
-    assert (
-        info["mixed_precision"]["at_8bit"] == upgraded
-        and info["calibration"]["name"] == "python-pydoc-topics+self-generated"
-    )
+    assert info["mixed_precision"]["at_8bit"] == upgraded and info["calibration"]["name"] == TEXT_CALIBRATION
     assert info["accounting"]["within_slack"] and info["tie"]["mode"] == "shared8"
     assert info["tie"]["rotation"]["factors"] == [8, 8]
     assert info["tie"]["auto"] is None  # the default layout is fixed; --tie-mode auto is measured (test_sharing)
