@@ -1,11 +1,11 @@
-"""Benchmark: Core ML 4-bit layouts of the demo, by greedy top-1 agreement with fp32 and by bytes (issue #5).
+"""Benchmark: Core ML 4-bit layouts of the demo, by greedy top-1 agreement with fp32 and by bytes.
 
     .venv/bin/python benchmarks/coreml_layouts.py
 
 Eager PyTorch, fp32 compute, weight-only: each layout's weights are dequantized into the decoder, which then runs
 six chat prompts teacher-forced over the fp32 model's own 64-token greedy continuation. The first prompt is the one
 tests/test_demo_e2e.py checks through the MIL interpreter. "weights MB" counts the quantized tensors as Core ML
-stores them (pipeline.SCALE_BYTES), not the norms, RoPE tables, zero biases and blob records that weight.bin
+stores them (its profile's scale_bytes), not the norms, RoPE tables, zero biases and blob records that weight.bin
 also holds (~0.26 MB for the exported default). Prints the table docs/performance.md's Core ML section shows.
 About 5 minutes on 2 cores once the tie's GPTQ values are cached (~1 minute each the first time).
 """
@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 from mlexport.quantize import plan_quantization
+from mlexport.quantize.accounting import predicted_bytes
 from mlexport.quantize.algorithms import QuantizedWeight, with_int8_rows
 from mlexport.quantize.block_offsets import with_rounded_offsets
 from mlexport.quantize.calibrate import prepare
 from mlexport.quantize.sensitivity import exact_option
 
 from mlexport.model import build_decoder
-from mlexport.pipeline import SCALE_BYTES, coreml_tie_rotation, tie_grid, weight_only
-from mlexport.sharing import predicted_bytes
+from mlexport.pipeline import profile, rotate_4bit_tie, tie_grid, weight_only
 from mlexport.sources import load_model
 from mlexport.tokenizer import Tokenizer
 
@@ -73,7 +73,7 @@ def main() -> None:
         params = dict(model.named_parameters(remove_duplicate=False))
         for name, weight in bodies[body].items():
             params[name].data.copy_(weight)
-        scale_bytes = SCALE_BYTES["coreml"] if body.startswith("int8") else {4: 2, 8: 2}
+        scale_bytes = profile("coreml").scale_bytes if body.startswith("int8") else {4: 2, 8: 2}
         for n in rows:
             table = (with_int8_rows(tie, float_table, n) if n else tie).dequantize()
             params["embed_tokens.weight"].data.copy_(table)
@@ -97,7 +97,7 @@ def tie_values(loaded: Any, rotated: bool, asymmetric: bool) -> tuple[Any, Any, 
     plan = plan_quantization(model, "4bit", 32, "shared4", True, "gptq", False)
     plan = tie_grid(plan, "coreml", 32, vocab, 0)
     if rotated:
-        plan = coreml_tie_rotation(model, plan, asymmetric)
+        plan = rotate_4bit_tie(model, plan, asymmetric)
     else:
         head = plan.tensors["lm_head.weight"]
         plan.tensors["lm_head.weight"] = dataclasses.replace(head, asymmetric=asymmetric)

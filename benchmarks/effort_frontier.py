@@ -85,9 +85,9 @@ def main() -> None:
     from mlexport.quantize.block_offsets import as_target_stores
     from mlexport.quantize.torchao_map import apply_plan
     from mlexport.validate import drift
-    from mlexport.validate.corpus import load_corpus
 
     import mlexport.pipeline as pipeline
+    from mlexport.corpus import load_corpus
     from mlexport.model import build_decoder
     from mlexport.pipeline import ExportOptions, StageLog, compute_quantized, plan_for_target, stored_bytes
     from mlexport.sources import load_model
@@ -115,7 +115,8 @@ def main() -> None:
         started = time.perf_counter()
         tie = args.tie or ("shared8" if args.target == "executorch" else "shared4")
         plan = plan_for_target(model, loaded, opts, args.target, tie, lambda _t: None, StageLog())
-        values = as_target_stores(compute_quantized(model, plan, loaded, None, lambda _t: None), args.target)
+        values = compute_quantized(model, plan, loaded, None, lambda _t: None)
+        values = as_target_stores(values, pipeline.profile(args.target).stores_block_offsets)
         apply_plan(model, plan, values)
         seconds = time.perf_counter() - started
         size = stored_bytes(model, plan, args.target)["total"] / 1e6

@@ -1,4 +1,4 @@
-"""Issue #3's acceptance run: a MobileLLM-LS model of the 125M shape, random fp16 weights.
+"""Acceptance run for layer sharing: a MobileLLM-LS model of the 125M shape, random fp16 weights.
 
 1. Export it (`layer_sharing: true`, 60 executed layers over 30 stored blocks) and its twin without layer
    sharing (30 executed layers) at --quant 4bit; the LS artifact must weigh <= 1.03x the twin.

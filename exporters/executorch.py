@@ -1,7 +1,7 @@
 """ExecuTorch exporter: quantized decoder -> one ``.pte`` with XNNPACK delegation and LLM runner metadata.
 
 One torch.export, one to_edge_transform_and_lower, one to_executorch: every extra export or decomposition costs
-minutes on a 30-layer model (see REFERENCE §3). The decoder is shaped so each layer lowers into one XNNPACK
+minutes on a 30-layer model. The decoder is shaped so each layer lowers into one XNNPACK
 partition between the KV-cache custom ops.
 """
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mlexport.exporters.profile import TargetProfile
+from mlexport.quantize.accounting import BLOCK_OFFSETS
 from torch import nn
 
 from mlexport.artifacts import write_bytes_atomic
@@ -59,7 +61,7 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
 
     With ``share_tied`` the tied embedding and lm_head constants move to ``model.ptd``: XNNPACK keys its weights
     by SHA-256, so the head's int8 table and the embedding's identical table are written once there, while inside
-    a single ``.pte`` they would be stored twice (REFERENCE §3).
+    a single ``.pte`` they would be stored twice.
 
     Returns a report: delegate count and the ops left outside XNNPACK, which the manifest records.
     """
@@ -523,3 +525,42 @@ def delegation_report(graph: torch.fx.Graph) -> dict[str, Any]:
 def _say(status: Any, text: str) -> None:
     if status is not None:
         status(text)
+
+
+def _export_artifact(
+    model: Decoder, plan: Any, out_dir: Path, log: Any, status: Any, quantized: Any, opts: Any
+) -> dict[str, Any]:
+    # Tied tensors always go to model.ptd: shared8 stores them once there, and dup4's two copies stay visible to
+    # `inspect` under their own names.
+    return export_pte(model, out_dir, log, status, share_tied=model.spec.tie_embeddings)
+
+
+def _fixed_bytes(model: Decoder, plan: Any) -> int:
+    """OffsetLinear's 0/1 block-sum matrices for a reused Q4_1 grid; the RoPE tables are computed per call."""
+    shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    return block_sum_bytes({(int(shapes[n][1]), q.group_size) for n, q in plan.tensors.items() if q.float_zero})
+
+
+PROFILE = TargetProfile(
+    name="executorch",
+    weight_files=(".pte", ".ptd"),
+    # XNNPACK has no quantized gather over a 4-bit head's blocks: one int8 table, or the tie stored twice.
+    tie_modes=("shared8", "dup4"),
+    # XNNPACK keeps int4 group scales as bf16 and int8 scales as fp32; a reused Q4_1 grid's zero points become
+    # int8 block offsets with an fp32 scale per row (quantize/block_offsets.py).
+    scale_bytes={4: 2, 8: 4, BLOCK_OFFSETS: 4},
+    scale_dtypes={4: "bfloat16", 8: "float32"},
+    # Keeps the demo's .pte + .ptd under 92 MB (docs/quantization.md).
+    mixed_slack=0.035,
+    asymmetric=False,
+    # XNNPACK keeps a source's fp16 scales at bf16 (within 2^-9 of each scale).
+    exact_source_types=("Q4_0", "Q4_1"),
+    # The offsets' extra Linears more than double the XNNPACK lowering time: reused unasked at --effort max only.
+    reuse_grid_efforts=("max",),
+    export=_export_artifact,
+    stored_blobs=stored_blobs,
+    fixed_bytes=_fixed_bytes,
+    decoder_backend="executorch",
+    int8_activations=True,
+    symmetric_only=True,
+)

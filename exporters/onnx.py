@@ -3,7 +3,7 @@
 Why we write the graph from the decoder's modules instead of tracing it: the fast path on onnxruntime is a handful
 of fused contrib ops (GroupQueryAttention with rotary, SkipSimplifiedLayerNormalization, MatMulNBits,
 GatherBlockQuantized) that no exporter emits from a trace, and the stock int4 quantizer silently skips shared
-weights (REFERENCE §4). Writing the graph directly gives both, in seconds:
+weights. Writing the graph directly gives both, in seconds:
 
 - every stored tensor becomes one initializer, named after its module, whoever uses it: an LS block's weights feed
   both of its executions, and a tied embedding reads the head's int4 blocks through GatherBlockQuantized;
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlexport.exporters.profile import TargetProfile
 from mlexport.quantize import QuantPlan
 from torch import nn
 
@@ -559,3 +560,40 @@ def stored_blobs(artifact: Path) -> list[dict[str, Any]]:
             size, file = len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes, ONNX_NAME
         blobs.append({"file": file, "bytes": size, "keys": [init.name]})
     return blobs
+
+
+def _export_artifact(
+    model: Decoder, plan: QuantPlan, out_dir: Path, log: Any, status: Any, quantized: Any, opts: Any
+) -> dict[str, Any]:
+    return export_onnx(model, plan, out_dir, log, status, accuracy_level=opts.accuracy_level)
+
+
+def _fixed_bytes(model: Decoder, plan: QuantPlan) -> int:
+    """GroupQueryAttention's fp32 cos/sin caches: half the head dim per position."""
+    return 2 * model.max_context * model.spec.head_dim // 2 * 4
+
+
+PROFILE = TargetProfile(
+    name="onnx",
+    weight_files=(".onnx", ".onnx.data"),
+    # GatherBlockQuantized reads the head's 4-bit blocks: no reason to store the tie twice.
+    tie_modes=("shared4", "shared8"),
+    # MatMulNBits scales take the activation dtype (fp32 here), but the file stores them as fp16 behind a Cast
+    # that onnxruntime folds at load (GraphWriter.fp16_const).
+    scale_bytes={4: 2, 8: 2},
+    scale_dtypes={4: "float16", 8: "float16"},
+    # Keeps the demo under the onnxruntime-genai builder's int4 size (86.5 MB).
+    mixed_slack=0.095,
+    # MatMulNBits takes packed uint4 zero points at no measurable cost per token, and they lower drift.
+    asymmetric=True,
+    exact_source_types=("Q4_0", "Q4_1"),
+    # A Q4_1 grid runs as MatMulNBits plus a per-block offset term (float zero points take a generic path 60x
+    # slower), and those extra nodes cost decode speed against the builder's model: reused only when asked.
+    reuse_grid_efforts=(),
+    export=_export_artifact,
+    stored_blobs=stored_blobs,
+    fixed_bytes=_fixed_bytes,
+    int8_per_channel=False,
+    # --accuracy-level 0: MatMulNBits with fp32 activations, weights-only.
+    weight_only=lambda opts: opts.accuracy_level == 0,
+)

@@ -24,28 +24,13 @@ from typing import Any
 
 from mlexport.artifacts import describe_files, tool_versions, write_bytes_atomic, write_json_atomic
 from mlexport.errors import MlexportError
-from mlexport.pipeline import TARGETS, ExportOptions
+from mlexport.pipeline import TARGETS, ExportOptions, toml_option_types
 from mlexport.quantize import PRESETS as QUANTS
 from mlexport.sources import sha256_file
 
 SCHEMA_VERSION = 1
 RECORD = ".mlexport-build.json"  # inside each artifact dir: the hashes it was built and validated from
-OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
-    "max_context": int,
-    "group_size": int,
-    "tie_mode": str,
-    "accuracy_level": int,
-    "palettize": int,
-    "quantizer": str,
-    "asymmetric": bool,
-    "calibration": str,
-    "size_budget_mb": (int, float),
-    "tie_int8_rows": int,
-    "reuse_source_grid": bool,
-    "tune_scales": bool,
-    "smooth": bool,
-    "effort": str,
-}
+OPTION_TYPES = toml_option_types()  # the export options an entry's TOML may set, and their types
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect as pyinspect
 import json
 import os
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from mlexport.errors import MlexportError
+
+# tqdm reads TQDM_* once, when it is first imported (torch imports it, through the pipeline below): coremltools'
+# per-pass bars would otherwise print through our own progress lines.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from mlexport.pipeline import ExportOptions  # noqa: E402  (the export command's options come from its fields)
 
 # Help texts are plain: they carry literal "[default: ...]" and "[gates]", which rich markup would eat as tags.
 HELP_MARKUP = None
@@ -42,127 +51,11 @@ def _quiet_libraries() -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  mlexport export --target executorch --quant 4bit\n\n"
-        "  mlexport export --model ./MobileLLM-125M --target executorch --quant 8bit -o build/m125\n\n"
-        "  mlexport export --model SmolLM2-135M-Instruct.Q4_1.gguf --quant fp32 --force\n\n"
-        "  mlexport export --target all --quant 4bit        # .pte, .onnx and .mlpackage in out/demo-*-4bit/\n\n"
-        "  mlexport export --model ./MobileLLM-350M --effort max   # GPTQ + end-to-end tuning: slow, least drift\n\n"
-        "Effort (4bit): fast = round to nearest, no calibration (seconds of quantization); default = GPTQ + "
-        "sensitivity-driven 8-bit upgrades (~4.5 min of quantization for the 135M demo on 2 cores; lighter above "
-        "400M parameters); max = default + end-to-end scale tuning (~35 min for a 135M model on 2 cores, then "
-        "cached), or a Q4 GGUF's own grid re-exported where the target runs it. XNNPACK lowering adds ~6 s a layer."
-    )
-)
-def export(
-    model: str = typer.Option("demo", "--model", "-m", help="demo | DIR (HF config+weights) | FILE.gguf | HUB_ID"),
-    target: str = typer.Option("executorch", "--target", "-t", help="executorch | onnx | coreml | all"),
-    quant: str = typer.Option("4bit", "--quant", "-q", help="4bit | 8bit | fp16 | fp32"),
-    output: Path | None = typer.Option(
-        None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]"
-    ),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing output directory"),
-    max_context: int = typer.Option(2048, "--max-context", help="KV cache length (tokens); capped by the model's"),
-    group_size: int = typer.Option(32, "--group-size", help="4-bit weight group size"),
-    accuracy_level: int = typer.Option(
-        4, "--accuracy-level", help="ONNX MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32 (exact)"
-    ),
-    palettize: int | None = typer.Option(
-        None, "--palettize", help="Core ML only: k-means palette of N bits (1,2,3,4,6,8) instead of linear quant"
-    ),
-    tie_mode: str = typer.Option(
-        "default",
-        "--tie-mode",
-        help="tied embedding layout (default: executorch shared8, onnx and coreml shared4): shared8 (one int8 "
-        "table, stored once) | shared4 (one 4-bit table, onnx/coreml) | "
-        "dup4 (4-bit, stored twice, executorch) | auto (score the target's layouts on the built-in corpus; keep "
-        "the smaller one that drifts no more than 10% over the best)",
-    ),
-    quantizer: str = typer.Option(
-        "auto",
-        "--quantizer",
-        help="auto (gptq at 4 bits, rtn at 8) | rtn (round to nearest) | search (per-group clipping search, no "
-        "data) | gptq (calibrated on text; results cached per model, plan and text)",
-    ),
-    asymmetric: bool | None = typer.Option(
-        None,
-        "--asymmetric/--symmetric",
-        help="4-bit zero point per group [default: asymmetric for onnx, symmetric for coreml; executorch is "
-        "symmetric only]",
-    ),
-    calibration: Path | None = typer.Option(
-        None,
-        "--calibration",
-        help="UTF-8 text for GPTQ [default: Python's reference-manual topics + 3,072 tokens sampled from the model]",
-    ),
-    size_budget: float | None = typer.Option(
-        None,
-        "--size-budget",
-        help="4-bit only: total MB the artifact may grow to by upgrading the most sensitive tensors (8 bits, or "
-        "the source's own grid) [default: 3.5% over all-4-bit for executorch, 9.5% for onnx, 5.2% for coreml; "
-        "0 = no mixed precision]",
-    ),
-    reuse_source_grid: bool | None = typer.Option(
-        None,
-        "--reuse-source-grid/--no-reuse-source-grid",
-        help="a GGUF's Q4_0/Q4_1 blocks as upgrades, re-exported as stored (Q4_1 offsets at int8 on executorch "
-        "and coreml) [default: on for coreml; for executorch at --effort max (the offsets double its lowering time); "
-        "off for onnx, where the exact Q4_1 offsets cost ~35% of decode speed]",
-    ),
-    tie_int8_rows: int | None = typer.Option(
-        None,
-        "--tie-int8-rows",
-        help="coreml, 4-bit tie: keep its first N rows (the most frequent tokens) at int8, paid from the size "
-        "budget [default: 1000, at most 1/8 of the vocabulary; 0 = off]",
-    ),
-    tune_scales: bool | None = typer.Option(
-        None,
-        "--tune-scales/--no-tune-scales",
-        help="4-bit GPTQ: tune every group scale and norm gain end to end against the fp32 logits (integers and "
-        "size unchanged; ~30 min on the demo on 2 cores, then cached) [default: on at --effort max]",
-    ),
-    effort: str = typer.Option(
-        "default",
-        "--effort",
-        "-e",
-        help="4bit: fast (round to nearest, no calibration; demo ~2.5 min on 2 cores) | default (GPTQ + "
-        "sensitivity-driven 8-bit upgrades on 4,096 calibration tokens; demo ~4.7 min) | high (the same on 8,192 "
-        "tokens: less drift, demo ~6 min) | max (high + end-to-end scale tuning, ~30 min on the demo; a Q4 GGUF's "
-        "own grid re-exported instead where the target runs it)",
-    ),
-    smooth: bool | None = typer.Option(
-        None,
-        "--smooth/--no-smooth",
-        help="executorch, 4-bit: fold per-group factors into the norms and weights so XNNPACK's int8 activations "
-        "lose less (size and ops unchanged; demo held-out KLD 0.105 -> 0.099) [default: on]",
-    ),
-) -> None:
+def export(**options: Any) -> None:
     """Export a model to an on-device artifact (+ tokenizer + manifest.json)."""
-    from mlexport.pipeline import ExportOptions, run_export, validate_options
+    from mlexport.pipeline import run_export, validate_options
 
-    opts = ExportOptions(
-        model=model,
-        target=target,
-        quant=quant,
-        out=output,
-        force=force,
-        max_context=max_context,
-        group_size=group_size,
-        tie_mode=tie_mode,
-        accuracy_level=accuracy_level,
-        palettize=palettize,
-        quantizer=quantizer,
-        asymmetric=asymmetric,
-        calibration=calibration,
-        size_budget_mb=size_budget,
-        tie_int8_rows=tie_int8_rows,
-        reuse_source_grid=reuse_source_grid,
-        tune_scales=tune_scales,
-        smooth=smooth,
-        effort=effort,
-    )
+    opts = ExportOptions(**options)
     validate_options(opts)  # bad flags fail before the slow imports
     _quiet_libraries()
     started = time.perf_counter()
@@ -176,6 +69,36 @@ def export(
             f"{time.perf_counter() - started:.0f}s, effort {manifest.get('effort', 'default')})[/]"
         )
         console.print(_stage_summary(manifest.get("stages", [])))
+
+
+def _signature_of_options() -> pyinspect.Signature:
+    """The ``export`` command's parameters, one per ExportOptions field, with the flags and help it declares."""
+    hints = typing.get_type_hints(ExportOptions)
+    return pyinspect.Signature(
+        [
+            pyinspect.Parameter(
+                f.name,
+                pyinspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(f.default, *f.metadata["flags"], help=f.metadata["help"]),
+                annotation=hints[f.name],
+            )
+            for f in dataclasses.fields(ExportOptions)
+        ]
+    )
+
+
+export.__signature__ = _signature_of_options()  # type: ignore[attr-defined]
+app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mlexport export --target executorch --quant 4bit\n\n"
+        "  mlexport export --model ./MobileLLM-125M --target executorch --quant 8bit -o build/m125\n\n"
+        "  mlexport export --model SmolLM2-135M-Instruct.Q4_1.gguf --quant fp32 --force\n\n"
+        "  mlexport export --target all --quant 4bit        # .pte, .onnx and .mlpackage in out/demo-*-4bit/\n\n"
+        "  mlexport export --model ./MobileLLM-350M --effort high   # less drift than the default, ~25% slower\n\n"
+        "Every long step says what it expects to cost before it starts; --effort lists each level's cost."
+    )
+)(export)
 
 
 def _stage_summary(stages: list[dict[str, Any]]) -> str:
@@ -701,7 +624,8 @@ def inspect(
     if info is None:
         from mlexport.model import build_decoder
         from mlexport.quantize import PRESETS, plan_quantization
-        from mlexport.sharing import build_sharing_plan, predicted_bytes
+        from mlexport.quantize.accounting import predicted_bytes
+        from mlexport.sharing import build_sharing_plan
         from mlexport.sources import load_model
 
         loaded = load_model(target)
@@ -732,7 +656,8 @@ def _inspect_artifact(path: Path) -> dict[str, Any]:
     from mlexport.artifacts import corrupt_files, read_manifest
     from mlexport.pipeline import storage_map
     from mlexport.quantize import QuantPlan
-    from mlexport.sharing import SharingPlan, account
+    from mlexport.quantize.accounting import account
+    from mlexport.sharing import SharingPlan
 
     directory, manifest = read_manifest(path, verify=False)
     spec = manifest["model"]["spec"]
@@ -851,9 +776,6 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, never a traceback."""
-    # tqdm reads TQDM_* once, when it is first imported (torch imports it), so this must come before anything
-    # imports torch: coremltools' per-pass bars would otherwise print through our own progress lines.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _terminate)  # clean up like Ctrl-C: temp artifacts go, one "aborted" line
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here

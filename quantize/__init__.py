@@ -20,9 +20,6 @@ DEFAULT_GROUP_SIZE = 32
 # read (stored once); "shared4" = one 4-bit block table for both (stored once; needs a runtime with a block-quantized
 # gather: ONNX GatherBlockQuantized); "dup4" = a 4-bit table plus a separate 4-bit head (stored twice).
 TIE_MODES = ("shared8", "shared4", "dup4")
-# The layouts each target can execute (XNNPACK has no quantized gather over a 4-bit head's blocks; ONNX has no
-# reason to store the tie twice).
-TARGET_TIE_MODES = {"executorch": ("shared8", "dup4"), "onnx": ("shared4", "shared8"), "coreml": ("shared4",)}
 
 
 @dataclass
@@ -38,8 +35,7 @@ class TensorQuant:
     asymmetric: bool = False  # a zero point per group
     source: str | None = None  # "source" method: the GGUF type whose grid is reused exactly (Q4_0 | Q4_1)
     # A tied table's first rows at int8 per row, the rest as planned. Token ids follow the tokenizer's merge or
-    # score order, so low ids are the frequent tokens: on the demo the first 1,000 of 49,152 cover 55% of the
-    # tokens of English text (4,000 cover 73%), and their logits decide most next-token choices.
+    # score order, so low ids are the frequent tokens, whose logits decide most next-token choices.
     int8_rows: int = 0
 
     @property

@@ -14,41 +14,15 @@ inputs' second moments (Frantar et al., 2022).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
+
+from mlexport.weights import QuantizedWeight
 
 METHODS = ("rtn", "search", "gptq")
 # Clipping ratios the scale search tries: the group's range times r. Below ~0.6 the clipping never pays at 4 bits.
 SEARCH_RATIOS = torch.linspace(1.0, 0.6, 41).tolist()
 SEARCH_CHUNK = 1 << 24  # elements per batched step of the search
-
-
-@dataclass
-class QuantizedWeight:
-    """``weight ≈ scale * (qdata - zero_point)`` per group of ``group_size`` input columns."""
-
-    qdata: torch.Tensor  # int8 [N, K], values in [qmin, qmax]
-    scale: torch.Tensor  # float32 [N, K // group]
-    zero_point: torch.Tensor | None  # int8 [N, K // group] (asymmetric) or None (symmetric)
-    bits: int
-    group_size: int
-    # The first rows stored at 8 bits per row instead (a tied table's most frequent tokens; see TensorQuant's
-    # ``int8_rows``). This tensor's own values for those rows are then unused and not stored.
-    int8_rows: QuantizedWeight | None = None
-
-    def dequantize(self) -> torch.Tensor:
-        zero = 0 if self.zero_point is None else _expand(self.zero_point.float(), self.group_size)
-        full = (self.qdata.float() - zero) * _expand(self.scale, self.group_size)
-        if self.int8_rows is not None:
-            full[: self.int8_rows.qdata.shape[0]] = self.int8_rows.dequantize()
-        return full
-
-    def tail(self) -> QuantizedWeight:
-        """The rows this tensor stores at its own width: all of them, or those after ``int8_rows``."""
-        n = 0 if self.int8_rows is None else self.int8_rows.qdata.shape[0]
-        zero = None if self.zero_point is None else self.zero_point[n:]
-        return QuantizedWeight(self.qdata[n:], self.scale[n:], zero, self.bits, self.group_size)
 
 
 # What the quantizers hand the exporters, by parameter name: a QuantizedWeight per planned tensor, and a plain tensor
@@ -68,10 +42,6 @@ def with_int8_rows(quantized: QuantizedWeight, weight: torch.Tensor, rows: int) 
 
 def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def _expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
-    return per_group.repeat_interleave(group, dim=-1)
 
 
 def _params(
@@ -173,9 +143,8 @@ def gptq(
 ) -> QuantizedWeight:
     """GPTQ with static groups: each group's scale comes from the importance-weighted scale search.
 
-    ``damp`` (times the mean diagonal, added to H) is 10x the paper's 0.01: on the demo it lowered drift both on
-    the built-in corpus (KLD 0.103 -> 0.100) and on held-out text (0.172 -> 0.156); 0.3 was worse on both. A
-    stronger prior toward plain rounding fits the calibration text less and generalizes better.
+    ``damp`` (times the mean diagonal, added to H) is 10x the paper's 0.01: a stronger prior toward plain rounding
+    fits the calibration text less and generalizes better (docs/quantization.md, item 1).
     ``hessian`` is the sum of x xᵀ over calibration inputs [K, K]. Rows are independent, so callers stack the
     rows of every Linear that reads the same input (q/k/v, gate/up) and run one pass. ``act_order`` quantizes the
     columns with the largest input energy first, so the rest can absorb their error; the groups (and so the

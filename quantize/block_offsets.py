@@ -5,10 +5,9 @@ Why: Q4_1 is ``w = d·(q − zero)`` with a *float* zero per 32-block. Core ML's
 takes a float offset, but at fp16 that is 16 bits a block (0.5 bits a weight), and XNNPACK takes no zero points at
 all. Split ``w = d·q + B`` with ``B = −d·zero`` constant over each block: then ``x·wᵀ = x·(d·q)ᵀ + blocksum(x)·Bᵀ``,
 a second, 32x smaller Linear over the sums of each block of inputs, and ``B`` rounds to int8 per row (8 bits a block
-plus a scale a row). On the demo (eager, six chat prompts, tie exact) that body gave greedy top-1 agreement 98.7%
-against 100% exact, for 63.3 MB. The values stay a ``QuantizedWeight`` with a float zero point
-(``zero' = −B_int8/d``) so every consumer (the eager twin validate runs, the byte accounting) sees exactly what the
-artifact computes.
+plus a scale a row), which keeps greedy agreement close to the exact grid's (docs/quantization.md, item 4).
+The values stay a ``QuantizedWeight`` with a float zero point (``zero' = −B_int8/d``) so every consumer (the eager
+twin validate runs, the byte accounting) sees exactly what the artifact computes.
 
 This module is not part of the quantization cache key (quantize/calibrate.py's CACHED_CODE): it runs after the
 cached values are read, on the exporter's and validate's side.
@@ -23,8 +22,6 @@ import torch
 from mlexport.quantize.algorithms import QuantizedWeight, rtn
 
 OFFSET_BITS = 8
-# The targets that store a reused Q4_1 grid this way (the others keep its float zero points as they are).
-OFFSET_TARGETS = ("coreml", "executorch")
 
 
 def has_float_zero(qw: QuantizedWeight) -> bool:
@@ -51,10 +48,11 @@ def float_zero_grids(values: dict[str, Any]) -> dict[str, QuantizedWeight]:
     return {n: v for n, v in values.items() if isinstance(v, QuantizedWeight) and has_float_zero(v)}
 
 
-def as_target_stores(values: dict[str, Any], target: str) -> dict[str, Any]:
-    """A plan's quantized values as ``target`` stores them: on Core ML each reused Q4_1 grid's offsets rounded to
-    int8 (what the eager twin validate builds and ``quantize-sweep`` scores must run); elsewhere unchanged."""
-    if target not in OFFSET_TARGETS:
+def as_target_stores(values: dict[str, Any], stores_block_offsets: bool) -> dict[str, Any]:
+    """A plan's quantized values as the target stores them: where it ``stores_block_offsets`` (its profile), each
+    reused Q4_1 grid's offsets rounded to int8 (what the eager twin validate builds and ``quantize-sweep`` scores
+    must run); elsewhere unchanged."""
+    if not stores_block_offsets:
         return values
     return {**values, **{n: with_rounded_offsets(v) for n, v in float_zero_grids(values).items()}}
 

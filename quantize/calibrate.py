@@ -32,10 +32,10 @@ CALIBRATION_TOKENS = 8192
 CALIBRATION_WINDOW = 256
 ALGORITHM_VERSION = "7"  # bump when a quantizer's output changes, so cached results are not reused
 # The modules whose code decides the cached values. Their source goes into the cache key too: a manual version
-# alone let values computed by an edited, uncommitted quantizer outlive the edit under the same key (session 7's
-# recorded ExecuTorch drift, 0.0938 / 0.1187, was measured that way; its own commit recomputes 0.0951 / 0.1249).
+# alone lets values computed by an edited, uncommitted quantizer outlive the edit under the same key.
 CACHED_CODE = (
     "mlexport.quantize",
+    "mlexport.quantize.accounting",
     "mlexport.quantize.algorithms",
     "mlexport.quantize.calibrate",
     "mlexport.quantize.sensitivity",
@@ -43,14 +43,15 @@ CACHED_CODE = (
     "mlexport.quantize.rotation",
     "mlexport.quantize.smoothing",
     "mlexport.model",
+    "mlexport.weights",
 )
 # What GPTQ's values (and the sensitivity pass, and the sampled text) depend on: all but the tuning. Keyed by this,
 # a tuning change re-runs only the tuning, and a --no-tune-scales export reuses a tuned export's GPTQ stage.
 UNTUNED_CODE = tuple(m for m in CACHED_CODE if m != "mlexport.quantize.tune")
 DEFAULT_CALIBRATION = "python-pydoc-topics+self-generated"
 # The default text's second part: the model's own samples (LLM-QAT's data-free calibration), 3,072 of the 8,192
-# tokens. On the demo it lowered held-out drift (GPL-3 text: KLD 0.20 -> 0.16, greedy agreement 77% -> 83%) for
-# +0.004 on the built-in corpus, whose domain (Python docs) the pydoc topics alone had been fitting.
+# tokens. They keep GPTQ from fitting the pydoc topics' one domain (Python docs), which costs held-out text
+# (docs/quantization.md, item 1).
 SELF_GENERATED = {"sequences": 24, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 0}
 Progress = Callable[[int, int], None]  # (done, total) blocks
 # Calibration recipes (``QuantPlan.gptq``): ``tokens`` in all, of which ``self_generated`` sequences of
@@ -297,8 +298,7 @@ def quantize_one(
 
 # A block's Linears by the input they read; each group is one GPTQ pass over its stacked rows. Every step's
 # statistics come from one pass over the block before any of it is quantized. Collecting o_proj's after q/k/v were
-# quantized ("true sequential") fitted the calibration text closer and did worse on held-out text (demo, eager,
-# with GPTAQ: built-in KLD 0.095 vs 0.101, GPL-3 0.158 vs 0.146).
+# quantized ("true sequential") fitted the calibration text closer and did worse on held-out text.
 _STEPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -657,10 +657,11 @@ def prepare(
             if gptq_path and plan.tune:
                 save_cached(gptq_path, results)
         if plan.tune:
-            from mlexport.quantize.tune import tune_scales
+            from mlexport.quantize.tune import stored_scale_dtypes, tune_scales
 
             text = (windows or []) + plan.tune["generated_ids"]
-            results = tune_scales(model, plan, results, text, plan.tune["target"], plan.tune, tune_progress)
+            dtypes = stored_scale_dtypes(plan.tune)
+            results = tune_scales(model, plan, results, text, dtypes, plan.tune, tune_progress)
         if path:
             save_cached(path, results)
     return _attach_int8_rows(model, plan, results)

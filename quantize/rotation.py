@@ -6,11 +6,9 @@ outliers (QuaRot). So the table is stored as ``E R`` (the int8 rows are rounded 
 rotated, and the embedding lookup rotates its rows back (``HadamardRotation.undo``). ``R`` is a Hadamard matrix
 with random signs, built from two small factors so the runtime stores a few KB.
 
-Measured on the demo (eager, the tuned ExecuTorch plan, GPL-3 under llama.cpp's protocol / built-in corpus KLD):
-the int8 table as is 0.1026 / 0.0814; rotated 0.0986 / 0.0777, which is where running the head's input in fp32
-gets (0.0973 / 0.0775). Diagonal smoothing instead (SmoothQuant, alpha 0.3 / 0.5) gave 0.1001 / 0.0795 and
-0.0995 / 0.0825. The body's Linears are not rotated: their weights came as a Q4_1 grid in the original basis,
-which a 4-bit group quantizer fits far better than the same weights rotated.
+Rotated, the int8 head drifts about as little as with its input in fp32, and less than with diagonal smoothing
+(SmoothQuant) instead (docs/quantization.md, item 7). The body's Linears are not rotated: their weights came as a
+Q4_1 grid in the original basis, which a 4-bit group quantizer fits far better than the same weights rotated.
 """
 
 from __future__ import annotations

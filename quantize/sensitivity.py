@@ -1,6 +1,6 @@
 """Sensitivity-driven mixed precision: which 4-bit tensors buy the most drift back per byte at 8 bits.
 
-Sensitivity is measured directly, as the issue defines it: the KLD of the logits against fp32 on calibration tokens
+Sensitivity is measured directly: the KLD of the logits against fp32 on calibration tokens
 when only that one tensor is quantized (4-bit round-to-nearest, the plan's group). The fp32 hidden states at every
 executed layer are cached, so each measurement runs only the layers from that tensor's block on. The KLDs of
 single tensors add up closely for small perturbations, so a greedy pick by KLD per byte within a byte budget is
@@ -15,10 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from mlexport.quantize import QuantPlan, TensorQuant
+from mlexport.quantize.accounting import planned_tensor_bytes
 from mlexport.quantize.algorithms import QuantizedWeight, rtn
 from torch import nn
-
-from mlexport.sharing import planned_tensor_bytes
 
 Progress = Callable[[int, int], None]
 

@@ -12,8 +12,8 @@ exactly what it was, and only the activations' rounding improves. Per-row factor
 
 Factor of a group: ``(m_g / median(m))^alpha``, where ``m_g`` is the median over the calibration tokens of the
 group's largest magnitude in that token (a per-token range, as the runtime sees it; the maximum over all tokens
-is set by a few attention-sink tokens). Measured on the demo's exported plan, emulated (GPL-3 under llama.cpp's
-protocol / built-in corpus KLD, 0.1063 / 0.0779 without): see ``SMOOTH_DEFAULT``.
+is set by a few attention-sink tokens). ``alpha`` is in ``SMOOTH_DEFAULT``; measurements: docs/quantization.md,
+item 8.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from torch import nn
 
 from mlexport.errors import MlexportError
 
-# alpha 0.5 is SmoothQuant's default. Demo, emulated on the session-16 values with the over-all-tokens maximum:
-# alpha 0.5 0.1009 / 0.0755, 0.75 0.1039 / 0.0784, 1.0 0.1116 / 0.0846.
+# alpha 0.5 is SmoothQuant's default, and larger alphas drifted more on both texts.
 SMOOTH_DEFAULT: dict[str, Any] = {"kind": "group-median-token-max", "alpha": 0.5}
 CALIBRATION_TOKENS = 4096
 
 # Each smoothed input: the module whose output it is (a norm's gain or a Linear's rows take 1/s) and the Linears
 # that read it (their columns take s). o_proj's input is left alone: its source, v_proj, feeds several query
-# heads per KV head, and it gained least when measured (fp32 activations there: 0.1063 -> 0.1046 on GPL-3).
+# heads per KV head, and of the four inputs it gained least from fp32 activations.
 SOURCES = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),

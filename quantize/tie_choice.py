@@ -12,13 +12,11 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from mlexport.quantize import TIE_MODES, plan_quantization
-from mlexport.validate.corpus import default_corpus
-from mlexport.validate.stats import log_softmax
+from mlexport.quantize.accounting import predicted_bytes
 
-from mlexport.sharing import predicted_bytes
+from mlexport.corpus import default_corpus
 
 CHOICE_TOKENS = 256
 KLD_TOLERANCE = 1.10  # a layout may drift up to 10% more than the best one (+ a small floor) if it is smaller
@@ -57,7 +55,7 @@ def choose_tie_mode(
 
     tokens = torch.tensor([token_ids[:CHOICE_TOKENS]])
     with torch.no_grad():
-        ref = log_softmax(model(tokens)[0].float().numpy())
+        ref = torch.log_softmax(model(tokens)[0].double(), -1)
     candidates = []
     for mode in modes:
         plan = plan_quantization(model, preset, group_size, mode, per_channel_int8)
@@ -70,8 +68,8 @@ def choose_tie_mode(
             plan = plan_smoothing(candidate, plan, smooth_windows)
         quantized = apply_plan(candidate, plan)
         with torch.no_grad():
-            test = log_softmax(quantized(tokens)[0].float().numpy())
-        kld = float(np.mean(np.sum(np.exp(ref) * (ref - test), axis=-1)))
+            test = torch.log_softmax(quantized(tokens)[0].double(), -1)
+        kld = float((ref.exp() * (ref - test)).sum(-1).mean())
         size = predicted_bytes(model, plan, scale_bytes)["total"]
         candidates.append(
             TieCandidate(mode, size, kld, rotation=plan.tie_rotation, smoothed=plan.smoothing is not None)

@@ -17,9 +17,8 @@ XNNPACK's 8da4w runs them) for ``*_dynact`` schemes, and the scales rounded to t
 (bf16 for XNNPACK's 4-bit groups), both with straight-through gradients.
 
 The text: the GPTQ calibration windows plus more of the model's own samples (LLM-QAT's data-free calibration),
-because the samples follow the model's training distribution rather than one domain: tuning on the 8,192
-calibration tokens alone fitted them far closer (KL 0.10 -> 0.056) and held-out text less (demo, eager, GPL-3 under
-llama.cpp's protocol: 0.129 -> 0.117, against 0.109 with the samples). The samples include conversations the
+because the samples follow the model's training distribution rather than one domain: tuned on the calibration
+tokens alone, it fitted them far closer and held-out text less. The samples include conversations the
 model writes after its chat template's opening: tuned on plain text alone, the demo's chat answers moved (see
 ``TUNE_DEFAULT``). Measured numbers: docs/quantization.md, item 1.
 """
@@ -39,33 +38,26 @@ from mlexport.quantize.algorithms import QuantizedValues, QuantizedWeight, rtn
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mlexport.errors import MlexportError
 from mlexport.model import RMSNorm
 
 Progress = Callable[[int, int], None]  # (done, total) steps
 
 # The default recipe, recorded in the plan (``QuantPlan.tune``), so a cached or re-run result is the same one.
-# lr 2e-4 on each scale's relative change: 1e-3 diverged on the demo (the calibration loss rose in the second
-# epoch). norm_lr: the same relative step for the RMSNorm gains (0 = scales only, which is what a manifest without
-# it was tuned with); 1e-3 fitted the calibration text closer and held-out text less. Demo, eager, held-out GPL-3
-# KLD (llama.cpp protocol) from 2 epochs on 96 + 48 samples, scales only (0.1067): norm gains 0.1039; then 192
-# free-text samples 0.1027; scales only, 3 epochs 0.1032. Hence 3 epochs on 192 + 96 samples, gains included
-# (the conversations doubled with the free text, so their share stays at a third). It runs at --effort max.
+# lr 2e-4 on each scale's relative change: 1e-3 diverged. norm_lr: the same relative step for the RMSNorm
+# gains (0 = scales only, which is what a manifest without it was tuned with); a larger one fitted the calibration
+# text closer and held-out text less. Tuning the gains, more free-text samples and a third epoch each lowered
+# held-out drift (docs/quantization.md, item 1); the conversations stay a third of the samples. It runs at
+# --effort max.
 TUNE_DEFAULT: dict[str, Any] = {
     "method": "e2e-scales",
     "epochs": 3,
     "lr": 2e-4,
     "norm_lr": 2e-4,
     "extra_generated": {"sequences": 192, "length": 128, "top_k": 50, "greedy_prefix": 4, "seed": 1},
-    # Conversations the model writes after its chat template's opening (calibrate.tuning_samples). Without them
-    # the tuning saw no chat turns at all, and the demo's .pte answered the Paris prompt "La Famélice de France,
-    # also known as the City of Love, is the capital of France." (untuned: "The capital of France is Paris").
+    # Conversations the model writes after its chat template's opening (calibrate.tuning_samples): without them
+    # the tuning sees no chat turns, and the tuned model's chat answers can go wrong.
     "chat_generated": {"sequences": 96, "length": 128, "top_k": 50, "greedy_prefix": 0, "seed": 2},
-}
-# How each target stores a group's scale (what the tuned scale is rounded to, in training and at the end).
-SCALE_DTYPES = {
-    "executorch": {4: torch.bfloat16, 8: torch.float32},
-    "onnx": {4: torch.float16, 8: torch.float16},
-    "coreml": {4: torch.float16, 8: torch.float16},
 }
 
 
@@ -164,7 +156,7 @@ class _TableHead(nn.Module):
 
 class _RelativeGain(nn.Module):
     """A norm's gain as ``initial * (1 + change)``: a relative step, as for the scales, because the demo's gains
-    span 2e-4 to 3.3 (an absolute step of 1e-3 swamped the small ones and raised held-out KLD 0.107 -> 0.113)."""
+    span 2e-4 to 3.3, and an absolute step swamps the small ones."""
 
     def __init__(self, initial: torch.Tensor) -> None:
         super().__init__()
@@ -222,12 +214,13 @@ def tune_scales(
     plan: QuantPlan,
     quantized: dict[str, QuantizedWeight],
     windows: list[list[int]],
-    target: str,
+    scale_dtypes: dict[int, torch.dtype],
     recipe: dict[str, Any],
     progress: Progress | None = None,
 ) -> QuantizedValues:
     """``quantized`` with tuned scales, plus the tuned norm gains when ``recipe["norm_lr"]`` (a new dict; ``model``
-    is the full-precision teacher and is not changed).
+    is the full-precision teacher and is not changed). ``scale_dtypes``: the width the target stores a group's
+    scale at, per bit width; the tuned scales are rounded to it in training and at the end.
 
     The student runs the whole plan as the target does: the tensors this does not tune (``tunable``: source grids)
     at their planned values, so the scales learn to correct their error too. A tied table is tuned as one table
@@ -250,12 +243,12 @@ def tune_scales(
         lookup = isinstance(getattr(module, attr), nn.Embedding)
         if attr in ("embed_tokens", "lm_head") and _tied(plan) and tunable(plan.tensors[owner]):
             if owner not in tables:
-                tables[owner] = _TunedTable(values, SCALE_DTYPES[target])
+                tables[owner] = _TunedTable(values, scale_dtypes)
             setattr(module, attr, _TableLookup(tables[owner]) if lookup else _TableHead(tables[owner], dynamic))
         elif lookup:
             getattr(module, attr).weight = nn.Parameter(values.dequantize(), requires_grad=False)
         elif owner == name and tunable(q):
-            tuned[name] = _TunedLinear(values, dynamic, SCALE_DTYPES[target][values.bits])
+            tuned[name] = _TunedLinear(values, dynamic, scale_dtypes[values.bits])
             setattr(module, attr, tuned[name])
         else:
             setattr(module, attr, _FixedLinear(values.dequantize(), dynamic))
@@ -299,3 +292,11 @@ def tune_scales(
         for name, norm in norms.items():
             out[f"{name}.weight"] = norm.weight.detach().to(norm.parametrizations.weight.original.dtype).clone()
     return out
+
+
+def stored_scale_dtypes(recipe: dict[str, Any]) -> dict[int, torch.dtype]:
+    """The scale widths a tuning record names (``QuantPlan.tune["scale_dtypes"]``, from the target's profile)."""
+    names = recipe.get("scale_dtypes")
+    if not names:
+        raise MlexportError("the plan's tuning record names no scale widths: re-export it with this mlexport")
+    return {int(bits): getattr(torch, name) for bits, name in names.items()}

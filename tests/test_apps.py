@@ -29,7 +29,9 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_hf_dir(root / "llama", llama_config())
     out = {}
     for target, quant in [("executorch", "4bit"), ("coreml", "fp16")]:
-        options = ExportOptions(str(root / "llama"), target, quant, out=root / target, max_context=64)
+        options = ExportOptions(
+            model=str(root / "llama"), target=target, quant=quant, out=root / target, max_context=64
+        )
         out[target] = run_export(options)[0]
     return out
 

@@ -1,5 +1,5 @@
 """Core ML exporter + MIL interpreter on tiny models: state across calls, fp32/fp16/int4, LS and tie stored once,
-and the coremltools pitfalls of REFERENCE §1 and §5."""
+and the known coremltools pitfalls."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_state_persists_and_resets(exported: dict) -> None:
 
 
 def test_coremltools_pitfalls_are_handled(exported: dict) -> None:
-    """REFERENCE §1/§5: numpy >= 2.4, the `diff` op from transformers masks, torch.export `alias` nodes, lost SDPA."""
+    """The known pitfalls: numpy >= 2.4, the `diff` op of transformers masks, torch.export `alias` nodes, lost SDPA."""
     major, minor = (int(x) for x in np.__version__.split(".")[:2])
     assert (major, minor) < (2, 4), "numpy >= 2.4 breaks coremltools 9.0 conversions (coremltools#2633)"
     ops = set(json.loads((exported[("llama", "fp16")] / "manifest.json").read_text())["delegation"]["ops"])
@@ -206,7 +206,7 @@ def test_palettized_package_runs_in_the_interpreter(models: dict[str, Path], tmp
 
 
 def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path: Path) -> None:
-    """Issue #8's re-export of a Q4_1 body on Core ML (quantize/block_offsets.py): each block's GGUF 4-bit values
+    """The re-export of a Q4_1 body on Core ML (quantize/block_offsets.py): each block's GGUF 4-bit values
     and fp16 scale as constexpr_blockwise_shift_scale with no offset, and the blocks' offsets (−d·zero) as an int8
     [rows, blocks] weight of a second Linear over block sums. Main plus offsets is the source weight to within an
     int8 step of each row's offsets; the interpreter runs the package like the eager twin validate builds."""

@@ -58,7 +58,7 @@ def _asks_paris(artifact: Path, max_new_tokens: int = 40) -> subprocess.Complete
 
 
 def _meets_drift_bar(artifact: Path, out: Path, *corpus: str, gate: str = "kld_mean<=0.10,same_top1>=0.8") -> None:
-    """A drift gate through `mlexport validate --gate` (by default issue #8's bar on the built-in corpus), with the
+    """A drift gate through `mlexport validate --gate` (by default the drift bar on the built-in corpus), with the
     artifact's real runtime."""
     gate = ("--gate", gate)
     result = _cli("validate", str(artifact), "--reference", "demo", "-o", str(out), *gate, *corpus)
@@ -93,7 +93,7 @@ def test_demo_manifest_accounts_for_every_byte(demo_4bit: Path) -> None:
 
 
 def test_demo_4bit_drifts_less_than_q4_0(demo_4bit: Path, tmp_path: Path) -> None:
-    """Issue #8's bar on the built-in corpus, through the real ExecuTorch runtime (llama.cpp Q4_0: KLD 0.269, 68%
+    """The drift bar on the built-in corpus, through the real ExecuTorch runtime (llama.cpp Q4_0: KLD 0.269, 68%
     same top-1; Q4_K_M: 0.061, 86% at 105.5 MB)."""
     _meets_drift_bar(demo_4bit, tmp_path)
 
@@ -121,7 +121,7 @@ def test_demo_onnx_4bit_answers_paris_within_peer_size(demo_onnx_4bit: Path) -> 
     _asks_paris(demo_onnx_4bit)
     manifest = json.loads((demo_onnx_4bit / "manifest.json").read_text())
     stored = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("model.onnx"))
-    assert stored <= 86.5e6, stored  # the onnxruntime-genai builder's int4 model of the same demo (REFERENCE §4)
+    assert stored <= 86.5e6, stored  # the onnxruntime-genai builder's int4 model of the same demo
     assert manifest["sharing"]["tie"]["mode"] == "shared4" and manifest["storage"]["duplicated_bytes"] == 0
     assert manifest["accounting"]["within_slack"] and not manifest["warnings"]
     ops = set(manifest["delegation"]["ops"])
@@ -155,7 +155,7 @@ def test_demo_4bit_on_held_out_text(demo_4bit: Path, tmp_path: Path) -> None:
 
 
 def test_demo_onnx_4bit_meets_the_drift_bar(demo_onnx_4bit: Path, tmp_path: Path) -> None:
-    """Issue #8 for ONNX (KLD <= 0.10, same top-1 >= 80%, <= 92 MB) with our own quantizers: GPTQ with uint4 zero
+    """The drift bar for ONNX (KLD <= 0.10, same top-1 >= 80%, <= 92 MB) with our own quantizers: GPTQ with uint4 zero
     points plus 8-bit upgrades within the default budget; the GGUF's grid is not reused by default on ONNX (it
     costs decode speed)."""
     plan = json.loads((demo_onnx_4bit / "manifest.json").read_text())["quant_plan"]
@@ -216,9 +216,9 @@ def _coreml_agreement(artifact: Path) -> float:
 
 
 def test_demo_coreml_4bit_tracks_fp32_over_a_64_token_continuation(demo_coreml_4bit: Path) -> None:
-    """Issue #5: >= 90% within weight.bin <= 80 MB. Measured through the interpreter: 58 of 64 (90.6%), the bar
-    with no token to spare, from the body's Q4_1 grid with int8 block offsets (quantize/block_offsets.py) and the
-    tie stored rotated, symmetric, 1,000 int8 rows (session 19; 54 of 64 before). In eager fp32 the same layout
+    """>= 90% within weight.bin <= 80 MB. Measured through the interpreter: 58 of 64 (90.6%), the bar with no
+    token to spare, from the body's Q4_1 grid with int8 block offsets (quantize/block_offsets.py), the tie stored
+    rotated, symmetric, 1,000 int8 rows, and the tie calibrated on the full recipe. In eager fp32 the same layout
     agrees 58-61 of 64 on each of six chat prompts (93.2% overall; benchmarks/coreml_layouts.py). The fp16
     package agrees 100%."""
     agreement = _coreml_agreement(demo_coreml_4bit)

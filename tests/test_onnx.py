@@ -194,7 +194,7 @@ def _matmulnbits_weights(artifact: Path) -> dict[str, np.ndarray]:
 
 
 def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
-    """Issue #8's lossless re-export: a Q4_1 GGUF's blocks reach MatMulNBits unchanged (its 4-bit values and fp16
+    """The lossless re-export: a Q4_1 GGUF's blocks reach MatMulNBits unchanged (its 4-bit values and fp16
     scales on the fast symmetric kernel, plus an exact per-block offset for the fractional zero points), and the
     artifact runs them as validation's own reference does."""
     from test_sources import write_tiny_gguf
@@ -235,7 +235,7 @@ def test_q4_1_gguf_body_is_reexported_exactly(tmp_path: Path) -> None:
     # the drift report says which part of the artifact is the source's grid, not our quantizer's work
     from mlexport.validate.pipeline import run_validation
 
-    # ONNX reuses grids only when asked: the per-block offsets cost decode speed (pipeline.REUSE_GRID_DEFAULT)
+    # ONNX reuses grids only when asked: the per-block offsets cost decode speed (its profile's reuse_grid_efforts)
     plain = _export(tmp_path / "m.gguf", tmp_path / "plain", "4bit", size_budget_mb=50)
     plain_plan = json.loads((plain / "manifest.json").read_text())["quant_plan"]
     assert not any(q["method"] == "source" for q in plain_plan["tensors"].values())

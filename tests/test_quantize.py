@@ -287,11 +287,11 @@ def test_quantize_sweep_scores_a_held_out_text_under_llama_cpp_protocol(tiny: Pa
 def test_int8_tie_rows_are_stored_and_run_as_planned(tiny: Path) -> None:
     """A tie's first rows at int8 per row: the values, the eager reference's torchao tensor and the predicted
     bytes all agree, and the bytes come out of the mixed-precision budget rather than raising its cap."""
+    from mlexport.quantize.accounting import planned_tensor_bytes
     from mlexport.quantize.algorithms import with_int8_rows
     from mlexport.quantize.torchao_map import to_torchao
 
     from mlexport.pipeline import StageLog, plan_for_target, stored_bytes
-    from mlexport.sharing import planned_tensor_bytes
 
     w, _ = _layer()
     four = rtn(w, 4, 32, symmetric=False)

@@ -99,7 +99,7 @@ def test_the_rotation_lowers_the_heads_activation_error_where_an_outlier_channel
 
 
 def test_core_ml_graph_undoes_a_rotated_table(tiny: Path) -> None:
-    """Core ML's traced wrapper (pipeline.coreml_tie_rotation stores its tie rotated) rotates the lookup's rows back
+    """Core ML's traced wrapper (pipeline.rotate_4bit_tie stores its tie rotated) rotates the lookup's rows back
     and the head's input, so in fp32 its logits are the unrotated model's, prefill and decode."""
     from mlexport.exporters.coreml import StatefulDecoder, causal_mask
 

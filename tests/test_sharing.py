@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import torch
+from mlexport.quantize.accounting import logical_tensor, map_blobs
 from tiny import llama_config, random_state_dict, save_hf_dir
 
 from mlexport.model import build_decoder
 from mlexport.pipeline import ExportOptions, run_export
-from mlexport.sharing import ShareGroup, SharingPlan, build_sharing_plan, logical_tensor, map_blobs
+from mlexport.sharing import ShareGroup, SharingPlan, build_sharing_plan
 from mlexport.sources import load_model
 
 

@@ -242,7 +242,8 @@ def test_inspect_model_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 def test_gguf_grid_decodes_to_ggufs_own_dequantization(kind: str) -> None:
     """The grid read from the raw blocks dequantizes to exactly what the gguf package's dequantizer gives."""
     import gguf
-    from mlexport.quantize.source_grid import decode_blocks
+
+    from mlexport.source_grid import decode_blocks
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 96)).astype(np.float32)
@@ -264,3 +265,24 @@ def test_gguf_loader_keeps_the_grid_of_quantized_tensors(tmp_path: Path) -> None
     assert set(loaded.source_grids) == {*body, "embed_tokens.weight"}
     for key, grid in loaded.source_grids.items():  # q/k rows un-permuted along with the weights
         assert (grid.dequantize() - loaded.state_dict[key]).abs().max() <= 1e-6, key
+
+
+def test_each_architecture_module_maps_its_own_config() -> None:
+    """Every family module in mlexport/architectures is found, claims its own names only, and maps a config that
+    names it onto a spec of that family (the common fields read once, its own on top)."""
+    from mlexport import architectures
+    from mlexport.sources import spec_from_hf_config
+
+    found = architectures.architectures()
+    assert {a.name for a in found} >= {"llama", "mobilellm", "qwen2", "qwen3"}
+    for key in ("name", "hf_class"):
+        assert len({getattr(a, key) for a in found}) == len(found), key
+    assert len({t for a in found for t in a.model_types}) == sum(len(a.model_types) for a in found)
+    for family in found:
+        cfg = llama_config(architectures=[family.hf_class], model_type=family.model_types[0], layer_sharing=True)
+        spec = spec_from_hf_config(cfg, "tiny")
+        assert spec.arch == family.name and spec.n_blocks == 2
+    assert spec_from_hf_config(llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), "q").qkv_bias
+    assert spec_from_hf_config(llama_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"]), "q").qk_norm
+    ls = spec_from_hf_config(llama_config(model_type="mobilellm", architectures=["MobileLLMForCausalLM"]), "m")
+    assert ls.layer_map == [0, 1] and ls.tie_embeddings  # share_embedding defaults on; no layer_sharing here

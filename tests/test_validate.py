@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from mlexport.validate import stats
-from mlexport.validate.corpus import default_corpus, load_corpus
 from mlexport.validate.report import parse_gates
 from tiny import llama_config, save_hf_dir
 
+from mlexport.corpus import default_corpus, load_corpus
 from mlexport.pipeline import ExportOptions, run_export
 
 

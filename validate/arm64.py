@@ -43,9 +43,9 @@ PACKAGES = {
 }
 SYSROOT = "/usr/aarch64-linux-gnu"
 PLATFORM = "manylinux_2_28_aarch64"
-# qemu 7.2's "max" CPU with SME enabled gives logits far from the host's on int4 linears (max |diff| 1.15 on the
-# tiny test model, against 1e-7 without SME), and we cannot tell whether qemu's SME emulation or the SME kernel
-# is at fault. So the default is everything "max" has but SME: Armv9 SVE2, i8mm, dotprod, bf16.
+# qemu 7.2's "max" CPU with SME enabled gives wrong logits on int4 linears (without SME they match the host's),
+# and we cannot tell whether qemu's SME emulation or the SME kernel is at fault. So the default is everything
+# "max" has but SME: Armv9 SVE2, i8mm, dotprod, bf16.
 DEFAULT_CPU = "max,sme=off"
 TORCH_LIBS = ("libtorch_cpu.so", "libc10.so", "libgomp.so.1", "libarm_compute.so", "libarm_compute_graph.so")
 TORCH_LIBS += ("libnvpl_blas_core.so.0", "libnvpl_blas_lp64_gomp.so.0", "libnvpl_lapack_core.so.0")

@@ -113,8 +113,7 @@ def artifact_size_mb(manifest: dict[str, Any]) -> float:
 
 def prompt_ids(directory: Path, manifest: dict[str, Any], count: int, tokenizer: Path | None = None) -> list[int]:
     """The first ``count`` tokens of the built-in corpus: real text, the same on every machine."""
-    from mlexport.validate.corpus import default_corpus
-
+    from mlexport.corpus import default_corpus
     from mlexport.tokenizer import Tokenizer
 
     source = tokenizer or directory

@@ -114,9 +114,11 @@ def quantized_reference(loaded: LoadedModel, manifest: dict[str, Any], max_conte
     quantized = prepare(
         model, plan, loaded.source.get("sha256"), loaded.tokenizer_dir, source_grids=loaded.source_grids
     )
+    from mlexport.exporters import profiles
     from mlexport.quantize.block_offsets import as_target_stores
 
-    return apply_plan(model, plan, as_target_stores(quantized, manifest.get("target", "")))
+    target = profiles().get(manifest.get("target", ""))
+    return apply_plan(model, plan, as_target_stores(quantized, bool(target and target.stores_block_offsets)))
 
 
 def compare(ref: np.ndarray, test: np.ndarray, targets: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

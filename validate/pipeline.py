@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 from mlexport.validate import drift, report
-from mlexport.validate.corpus import load_corpus
 from mlexport.validate.runtimes import open_runtime
 
 from mlexport.artifacts import quantizer_code, tool_versions
+from mlexport.corpus import load_corpus
 from mlexport.errors import MlexportError
 from mlexport.sources import load_model
 from mlexport.tokenizer import Tokenizer

@@ -100,9 +100,10 @@ def reused_grids(plan: dict[str, Any], target: str | None = None) -> dict[str, A
     quantized = [n for n, q in tensors.items() if q.get("bits", 32) < 16 and not q.get("shares")]
     kinds = sorted({tensors[n].get("source") for n in reused})
     found = {"types": kinds, "tensors": len(reused), "of_quantized": len(quantized)}
-    from mlexport.quantize.block_offsets import OFFSET_TARGETS
+    from mlexport.exporters import profiles
 
-    if target in OFFSET_TARGETS and "Q4_1" in kinds:
+    profile = profiles().get(target)
+    if profile and profile.stores_block_offsets and "Q4_1" in kinds:
         found["offsets"] = "int8 per row"
     return found
 

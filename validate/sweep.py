@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from mlexport.validate import drift
-from mlexport.validate.corpus import load_corpus
 
+from mlexport.corpus import load_corpus
 from mlexport.model import build_decoder
 from mlexport.pipeline import (
     ExportOptions,
     StageLog,
     compute_quantized,
     plan_for_target,
+    profile,
     stored_bytes,
 )
 from mlexport.sources import LoadedModel
@@ -44,8 +45,8 @@ SWEEP_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("4bit gptq asym", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True, "size_budget_mb": 0}),
     ("4bit gptq asym + mixed", {"quant": "4bit", "quantizer": "gptq", "asymmetric": True}),
     # blocks of 64 with the target's own zero-point default: the smallest 4-bit row, and on ONNX the fast one
-    # (decode there is memory-bound: 1.10x the onnxruntime-genai builder on the demo, against ~0.88x for the
-    # default; docs/quantization.md, "ONNX: speed decides the default")
+    # (decode there is memory-bound, so fewer bytes decode faster; docs/quantization.md, "ONNX: speed decides the
+    # default")
     ("4bit gptq block 64", {"quant": "4bit", "quantizer": "gptq", "group_size": 64, "size_budget_mb": 0}),
 )
 
@@ -65,7 +66,7 @@ def sweep(
     from mlexport.quantize.block_offsets import as_target_stores
     from mlexport.quantize.torchao_map import apply_plan
 
-    from mlexport.pipeline import _default_tie_mode
+    from mlexport.pipeline import resolved_tie_mode
 
     say = say or (lambda _t: None)
     text, corpus_info = load_corpus(corpus)
@@ -78,15 +79,15 @@ def sweep(
     n_params = sum(p.numel() for p in fp32_model.parameters())  # the tie counts once: what is stored
     rows = []
     for label, overrides in SWEEP_ROWS:
-        if overrides.get("asymmetric") and target == "executorch":
+        if overrides.get("asymmetric") and profile(target).symmetric_only:
             continue  # XNNPACK runs symmetric weights only
         opts = dataclasses.replace(ExportOptions(target=target), **overrides)
         model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
         say(f"{label}: planning")
-        plan = plan_for_target(model, loaded, opts, target, _default_tie_mode("default", target), say, StageLog())
+        plan = plan_for_target(model, loaded, opts, target, resolved_tie_mode("default", target), say, StageLog())
         size = stored_bytes(model, plan, target)["total"]
         values = compute_quantized(model, plan, loaded, None, say)
-        values = as_target_stores(values, target)  # Core ML's Q4_1 grids keep their block offsets at int8
+        values = as_target_stores(values, profile(target).stores_block_offsets)  # int8 block offsets
         if opts.quant != "fp32":
             apply_plan(model, plan, values)
         say(f"{label}: scoring")

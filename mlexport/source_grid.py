@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from mlexport.quantize.algorithms import QuantizedWeight
+
+from mlexport.weights import QuantizedWeight
 
 GROUP = 32  # every GGUF type read here has 32-element blocks
 SOURCE_TYPES = ("Q4_0", "Q4_1", "Q8_0")
