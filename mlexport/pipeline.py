@@ -239,8 +239,10 @@ def validate_options(opts: ExportOptions) -> list[str]:
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise MlexportError("--accuracy-level must be 0 (fp32 activations), 1, 2, 3 or 4 (int8 activations)")
     if opts.asymmetric and (symmetric := [t for t in targets if profile(t).symmetric_only]):
+        others = [t for t in targets if t not in symmetric]
+        alone = f", or pass it with --target {others[0]} alone" if others else ""
         raise MlexportError(
-            f"--asymmetric: --target {symmetric[0]} runs symmetric 4-bit weights only; drop the flag for it"
+            f"--asymmetric: --target {symmetric[0]} runs symmetric 4-bit weights only; drop the flag{alone}"
         )
     if opts.quantizer not in ("auto", "rtn", "search", "gptq"):
         raise MlexportError(f"unknown --quantizer {opts.quantizer!r}; choose one of auto, rtn, search, gptq")
