@@ -19,6 +19,12 @@ from mlexport.spec import ModelSpec
 ATTENTION_BACKENDS = ("torch", "executorch")
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` only when it changes something: export records even a no-op cast as two graph nodes,
+    and every lowering pass pays for each node."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -30,13 +36,13 @@ class RMSNorm(nn.Module):
         # is static but for one -1. Anything else falls out of the delegate and splits each layer into several
         # partitions, which slows lowering and inference alike. Hence the 4-D view with -1 for the token dim.
         dtype = x.dtype
-        x = x.float()
+        x = cast(x, torch.float32)
         # [B, T, D] -> [B, T, 1, D]; QK-norm's [B, T, H, D] -> [B*T, H, 1, D]
         x4 = x.reshape(x.shape[0], -1, 1, x.shape[-1]) if x.dim() == 3 else x.reshape(-1, x.shape[-2], 1, x.shape[-1])
         ms = x4.pow(2).mean(dim=(-1, -2), keepdim=True)
         x4 = x4 * torch.rsqrt(ms + self.eps)
         x = x4.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() == 3 else x4.reshape(x.shape[0], -1, *x.shape[2:])
-        return self.weight * x.to(dtype)
+        return self.weight * cast(x, dtype)
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -129,8 +135,8 @@ class Attention(nn.Module):
         if cache is None:  # full-sequence reference path: causal attention over this call's tokens only
             out = _sdpa(q, k, v, None, causal=True)
         elif backend == "executorch":
-            torch.ops.llama.update_cache(k.to(cache.k.dtype), cache.k, start)
-            torch.ops.llama.update_cache(v.to(cache.v.dtype), cache.v, start)
+            torch.ops.llama.update_cache(cast(k, cache.k.dtype), cache.k, start)
+            torch.ops.llama.update_cache(cast(v, cache.v.dtype), cache.v, start)
             out = torch.ops.llama.custom_sdpa(q, cache.k, cache.v, start, None, 0, True)
         else:
             cache.k[:, start : start + t] = k.to(cache.k.dtype)
@@ -259,7 +265,7 @@ class Decoder(nn.Module):
         freqs = positions[:, None] * self.rope_inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         dtype = self.norm.weight.dtype
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return cast(emb.cos(), dtype), cast(emb.sin(), dtype)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]
@@ -277,7 +283,7 @@ class Decoder(nn.Module):
             cache = self.caches[layer_idx] if start is not None else None
             h = h + block.self_attn(block.input_layernorm(h), cos, sin, self.rope_rot_t, cache, start, self.backend)
             h = h + block.mlp(block.post_attention_layernorm(h))
-        return self.lm_head(self.head_input(h)).float()
+        return cast(self.lm_head(self.head_input(h)), torch.float32)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The residual stream's first value: the lookup, rotated back when the table is stored rotated."""
