@@ -90,20 +90,22 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
             for node in program.graph.nodes:
                 if node.op == "placeholder" and _tied_tag(node):
                     node.meta.setdefault("custom", {})["delegate_constant_tag"] = PTD_TAG
-    seconds = 6 * len(model.layer_map) * (2 if offset_linears else 1)  # ~6 s a layer on 2 cores, ~2x with offsets
+    seconds = 4 * len(model.layer_map) * (2 if offset_linears else 1)  # ~3-4 s a layer on 2 cores, ~2x with offsets
     cost = f"~{seconds / 60:.0f} min" if seconds >= 90 else f"~{seconds} s"
     _say(status, f"lowering to XNNPACK (the long step: expect {cost} on 2 cores)")
     exported_nodes = len(program.graph.nodes)
+    partitioner = _one_decomposition(XnnpackPartitioner())
     with (
         log.stage("lower_xnnpack"),
         record_blob_sources() as blob_sources,
         skip_idle_xnnpack_passes(),
         direct_shape_kernels(),
         count_graph_work(status, "lowering: graph nodes traced", LOWERING_NODES_PER_NODE * exported_nodes),
+        decomposed_once(program, partitioner) as decomposed,
     ):
         edge = to_edge_transform_and_lower(
-            program,
-            partitioner=[_one_decomposition(XnnpackPartitioner())],
+            decomposed,
+            partitioner=[partitioner],
             constant_methods=runner_metadata(model.spec, max_context),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
@@ -337,9 +339,9 @@ def direct_shape_kernels() -> Iterator[None]:
 
 
 # FX nodes the lowering (and the serialization) create per node of the exported graph: every pass re-traces it.
-# Measured on 2-, 6- and 30-layer decoders (lowering 30-33, serialization 3-4.4); a count that runs past the
+# Measured on 2- and 6-layer decoders (lowering 28-31, serialization 3.8-4.8); a count that runs past the
 # estimate extends the bar.
-LOWERING_NODES_PER_NODE = 34
+LOWERING_NODES_PER_NODE = 31
 SERIALIZE_NODES_PER_NODE = 4
 
 
@@ -409,6 +411,39 @@ def skip_idle_xnnpack_passes() -> Iterator[None]:
         yield
     finally:
         preprocess.XNNPACKPassManager = manager
+
+
+@contextmanager
+def decomposed_once(program: Any, partitioner: Any) -> Iterator[Any]:
+    """Functionalize and decompose ``program`` in one re-trace instead of lowering's two.
+
+    Lowering first re-traces the graph with an empty table (functionalization), then again with the default table
+    minus the partitioner's preserved ops (~18 s each on the demo). One call with that table does both. While the
+    context is open, asking the result for either of those decompositions again returns it as it is: the table is
+    idempotent on its own output (the ``sym_size`` it leaves cannot decompose further, which is why lowering's
+    own check would re-run it).
+    """
+    from executorch.exir.program._program import _default_decomposition_table
+    from torch.export import ExportedProgram
+
+    preserved, _ = partitioner.ops_to_not_decompose(program)
+    table = _default_decomposition_table()
+    for op in preserved:
+        table.pop(op, None)
+    decomposed = program.run_decompositions(table)
+    run_decompositions = ExportedProgram.run_decompositions
+
+    def once(self: Any, decomp_table: Any = None, *args: Any, **kwargs: Any) -> Any:
+        asked_again = decomp_table is not None and (not decomp_table or set(decomp_table) == set(table))
+        if self is decomposed and asked_again and not args and not kwargs:
+            return self
+        return run_decompositions(self, decomp_table, *args, **kwargs)
+
+    ExportedProgram.run_decompositions = once  # type: ignore[method-assign]
+    try:
+        yield decomposed
+    finally:
+        ExportedProgram.run_decompositions = run_decompositions  # type: ignore[method-assign]
 
 
 def _one_decomposition(partitioner: Any) -> Any:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -299,6 +301,26 @@ def test_direct_shape_kernels_leave_the_pte_byte_identical(
     without = _export(tiny_dir, tmp_path / "without", "4bit")
     for name in ("model.pte", "model.ptd"):
         assert (with_kernels / name).read_bytes() == (without / name).read_bytes(), name
+
+
+def test_decomposing_once_leaves_the_pte_byte_identical(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One functionalize-and-decompose re-trace gives the same bytes as lowering's own two."""
+    import contextlib
+
+    import mlexport.exporters.executorch as et
+
+    once = _export(tiny_dir, tmp_path / "once", "4bit")
+
+    @contextlib.contextmanager
+    def lowering_decomposes(program: Any, partitioner: Any) -> Iterator[Any]:
+        yield program
+
+    monkeypatch.setattr(et, "decomposed_once", lowering_decomposes)
+    twice = _export(tiny_dir, tmp_path / "twice", "4bit")
+    for name in ("model.pte", "model.ptd"):
+        assert (once / name).read_bytes() == (twice / name).read_bytes(), name
 
 
 def test_lowering_reports_a_count_toward_a_total(tiny_dir: Path, tmp_path: Path) -> None:
