@@ -104,8 +104,9 @@ class StatefulDecoder(nn.Module):
             v = self._linear(attn.v_proj, x).view(1, t, attn.n_kv, attn.head_dim)
             if attn.q_norm is not None:
                 q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-            q = _rotate(q.transpose(1, 2), cos, sin)
-            k = _rotate(k.transpose(1, 2), cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            if attn.use_rope:
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             k_cache[:, :, start:end] = k.to(torch.float16)
             v_cache[:, :, start:end] = v.transpose(1, 2).to(torch.float16)

@@ -294,15 +294,16 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             q = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.q_proj", [attn.q_proj]), attn.q_norm, hd, eps)
             k = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.k_proj", [attn.k_proj]), attn.k_norm, hd, eps)
             v = linear.apply(x, f"{prefix}.self_attn.v_proj", [attn.v_proj])
+        rotary = [cos, sin] if attn.use_rope else []  # a NoPE layer attends without positions
         gqa = g.node(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, cos, sin],
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *rotary],
             n_out=3,
             domain=MS,
             num_heads=heads,
             kv_num_heads=kv,
             scale=1.0 / float(np.sqrt(hd)),
-            do_rotary=1,
+            do_rotary=int(attn.use_rope),
             rotary_interleaved=0,
             local_window_size=-1,
         )
@@ -354,7 +355,8 @@ def _norm_weight(g: GraphWriter, norm: RMSNorm, name: str) -> str:
 
 
 def _head_norm(g: GraphWriter, x: str, norm: RMSNorm, hd: int, eps: float) -> str:
-    """Per-head RMSNorm (Qwen3's QK-norm): [B, S, H*D] -> [B, S, H, D], normalize, back."""
+    """Per-head RMSNorm (QK-norm: Qwen3's weighted, Llama 4's all ones): [B, S, H*D] -> [B, S, H, D], normalize,
+    back."""
     shape = g.const(f"const.heads.{hd}", np.array([0, 0, -1, hd], np.int64))
     flat = g.const("const.flat_heads", np.array([0, 0, -1], np.int64))
     y = g.node(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlexport.errors import MlexportError
 from mlexport.spec import ModelSpec
 
 ATTENTION_BACKENDS = ("torch", "executorch")
@@ -26,10 +27,13 @@ def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, weighted: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        if weighted:
+            self.weight = nn.Parameter(torch.ones(dim))
+        else:  # ones that no checkpoint stores or quantizer tunes; every exporter reads ``weight`` alike
+            self.register_buffer("weight", torch.ones(dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # XNNPACK delegates a mean only over the last two dims of a 4-D tensor, and a reshape only when its shape
@@ -108,9 +112,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(hd, spec.norm_eps)
-            self.k_norm = RMSNorm(hd, spec.norm_eps)
+        self.use_rope = spec.uses_rope(block)
+        if spec.qk_norm or (spec.qk_l2_norm and self.use_rope):
+            self.q_norm = RMSNorm(hd, spec.norm_eps, weighted=spec.qk_norm)
+            self.k_norm = RMSNorm(hd, spec.norm_eps, weighted=spec.qk_norm)
         else:
             self.q_norm = self.k_norm = None
 
@@ -130,7 +135,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, -1, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
 
         if cache is None:  # full-sequence reference path: causal attention over this call's tokens only
             out = _sdpa(q, k, v, None, causal=True)
@@ -234,7 +240,13 @@ class Decoder(nn.Module):
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama:: ops)
         self.spec = spec
         self.backend = backend
-        self.max_context = max_context or spec.max_context
+        limit = spec.causal_limit
+        self.max_context = max_context or (min(spec.max_context, limit) if limit else spec.max_context)
+        if limit is not None and self.max_context > limit:
+            raise MlexportError(
+                f"a {self.max_context}-token context reaches past where {spec.causal_limit_reason} changes "
+                f"attention, which mlexport does not implement; pass --max-context {spec.causal_limit} or less"
+            )
         self.layer_map = list(spec.layer_map)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(Block(spec, b) for b in range(spec.n_blocks))

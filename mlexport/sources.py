@@ -295,6 +295,9 @@ def normalize_state_dict(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple
             continue
         key = key.removeprefix("model.")
         sd[key] = value.float() if value.is_floating_point() else value
+    family = architectures.by_name(spec.arch)
+    if family is not None and family.hf_weights is not None:
+        sd = family.hf_weights(sd, spec)
     head = sd.get("lm_head.weight")
     if spec.tie_embeddings and head is not None:
         if torch.equal(head, sd["embed_tokens.weight"]):

@@ -17,7 +17,7 @@ class ModelSpec:
     """Architecture of a Llama-style decoder, with per-block widths and an executed-layer → block map."""
 
     name: str
-    arch: str  # "llama" | "qwen2" | "qwen3" | "mobilellm" (all Llama-style: RMSNorm, SwiGLU, RoPE)
+    arch: str  # an ``mlexport.architectures`` family (all Llama-style: RMSNorm, SwiGLU, RoPE)
     vocab_size: int
     dim: int
     head_dim: int
@@ -30,7 +30,14 @@ class ModelSpec:
     rope_scaling: dict[str, Any] | None = None
     tie_embeddings: bool = True
     qkv_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False  # a weighted RMSNorm on each head's q and k (Qwen3)
+    # Blocks that rotate q and k (RoPE); None: all. The others attend without positions (Llama 4's NoPE layers).
+    rope_blocks: list[bool] | None = None
+    qk_l2_norm: bool = False  # a weightless RMSNorm on each head's q and k, on RoPE blocks only (Llama 4)
+    # The longest context the model's attention is plain causal attention over: a chunked-attention layer's chunk,
+    # or where Llama 4's attention temperature tuning starts scaling q. An export may not reach past it.
+    causal_limit: int | None = None
+    causal_limit_reason: str | None = None
     max_context: int = 2048
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
@@ -39,6 +46,9 @@ class ModelSpec:
     @property
     def n_blocks(self) -> int:
         return len(self.n_heads)
+
+    def uses_rope(self, block: int) -> bool:
+        return self.rope_blocks is None or bool(self.rope_blocks[block])
 
     @property
     def n_layers(self) -> int:
@@ -51,6 +61,8 @@ class ModelSpec:
             raise ValueError("per-block lists n_heads, n_kv_heads and ffn_dim must have one entry per block")
         if any(b < 0 or b >= n for b in self.layer_map):
             raise ValueError(f"layer_map refers to a block outside 0..{n - 1}")
+        if self.rope_blocks is not None and len(self.rope_blocks) != n:
+            raise ValueError(f"rope_blocks lists {len(self.rope_blocks)} blocks, the spec has {n}")
         for h, kv in zip(self.n_heads, self.n_kv_heads, strict=True):
             if kv <= 0 or h % kv:
                 raise ValueError(f"n_heads {h} is not a multiple of n_kv_heads {kv}")

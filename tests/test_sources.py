@@ -274,15 +274,21 @@ def test_each_architecture_module_maps_its_own_config() -> None:
     from mlexport.sources import spec_from_hf_config
 
     found = architectures.architectures()
-    assert {a.name for a in found} >= {"llama", "mobilellm", "qwen2", "qwen3"}
+    assert {a.name for a in found} >= {"llama", "llama4", "mobilellm", "qwen2", "qwen3"}
     for key in ("name", "hf_class"):
         assert len({getattr(a, key) for a in found}) == len(found), key
     assert len({t for a in found for t in a.model_types}) == sum(len(a.model_types) for a in found)
     for family in found:
-        cfg = llama_config(architectures=[family.hf_class], model_type=family.model_types[0], layer_sharing=True)
+        cfg = llama_config(
+            architectures=[family.hf_class], model_type=family.model_types[0], layer_sharing=True, moe_layers=[]
+        )
         spec = spec_from_hf_config(cfg, "tiny")
         assert spec.arch == family.name and spec.n_blocks == 2
     assert spec_from_hf_config(llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), "q").qkv_bias
     assert spec_from_hf_config(llama_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"]), "q").qk_norm
+    r1 = spec_from_hf_config(
+        llama_config(model_type="llama4_text", architectures=["Llama4ForCausalLM"], moe_layers=[]), "r"
+    )
+    assert r1.qk_l2_norm and r1.rope_blocks == [True, True]  # two layers: the NoPE one would be the 4th
     ls = spec_from_hf_config(llama_config(model_type="mobilellm", architectures=["MobileLLMForCausalLM"]), "m")
     assert ls.layer_map == [0, 1] and ls.tie_embeddings  # share_embedding defaults on; no layer_sharing here

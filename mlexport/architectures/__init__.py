@@ -25,6 +25,9 @@ class Architecture:
     gguf_names: tuple[str, ...] = ()  # GGUF "general.architecture" values
     # llama.cpp stores q/k rows permuted for its interleaved RoPE: undo it when reading the GGUF.
     gguf_rope_rows_permuted: bool = False
+    # (state dict without ``model.``, the spec) -> the same weights under the decoder's names and layout, for a
+    # family whose checkpoint names or lays them out differently.
+    hf_weights: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
 
     def describe(self) -> str:
         return f"{self.hf_class} ({'/'.join(self.model_types)})"
@@ -40,6 +43,10 @@ def architectures() -> tuple[Architecture, ...]:
 
 def by_model_type(model_type: str) -> Architecture | None:
     return next((a for a in architectures() if model_type in a.model_types), None)
+
+
+def by_name(name: str) -> Architecture | None:
+    return next((a for a in architectures() if a.name == name), None)
 
 
 def by_hf_class(name: str) -> Architecture | None:

@@ -1,0 +1,147 @@
+"""MobileLLM-R1's architecture (dense Llama 4 text) against transformers' own Llama4ForCausalLM: the shared
+decoder and every target's fp32 artifact, step by step over a 40-token prefill-then-decode run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlexport.validate.runtimes import open_runtime
+from tiny import VOCAB, llama_config, save_hf_dir
+
+from mlexport.errors import MlexportError
+from mlexport.model import build_decoder
+from mlexport.pipeline import ExportOptions, run_export
+from mlexport.sources import load_model, spec_from_hf_config
+
+TOKENS = [int(t) for t in torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(7))]
+PREFILL = 20
+CONTEXT = 64
+
+
+def r1_config(**overrides: object) -> dict:
+    """A tiny dense Llama 4 text model shaped like MobileLLM-R1 (tied, GQA, head_dim 16)."""
+    cfg = llama_config(
+        architectures=["Llama4ForCausalLM"],
+        model_type="llama4_text",
+        num_hidden_layers=4,
+        intermediate_size_mlp=96,
+        moe_layers=[],
+        layer_types=["full_attention"] * 4,
+        rope_theta=10000.0,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+CONFIGS = {
+    # every 4th layer NoPE (the default), QK norm on the RoPE layers, no chunking
+    "r1": r1_config(),
+    # QK norm off, an explicit NoPE list, chunked layers whose chunk lies past the exported context, untied
+    "r1-noqk": r1_config(
+        use_qk_norm=False,
+        no_rope_layers=[1, 0, 1, 1],
+        layer_types=None,
+        attention_chunk_size=128,
+        tie_word_embeddings=False,
+    ),
+    # every layer RoPE + QK norm (what llama.cpp says MobileLLM-R1 does), a llama3 RoPE scaling
+    "r1-all-rope": r1_config(
+        no_rope_layers=[1, 1, 1, 1],
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.ndarray]]:
+    """Each config's checkpoint and transformers' logits for TOKENS (one full forward: causal, so it is the
+    reference for every prefill and decode step)."""
+    root = tmp_path_factory.mktemp("llama4")
+    out = {}
+    for name, cfg in CONFIGS.items():
+        reference = save_hf_dir(root / name, cfg)
+        with torch.no_grad():
+            logits = reference(torch.tensor([TOKENS])).logits[0].float().numpy()
+        out[name] = (root / name, logits)
+    return out
+
+
+def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / (ref.max() - ref.min()))
+
+
+def _stepped(forward) -> np.ndarray:  # noqa: ANN001
+    rows = [forward(TOKENS[:PREFILL], 0)]
+    rows += [forward([t], PREFILL + i) for i, t in enumerate(TOKENS[PREFILL:])]
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decoder_matches_transformers_at_every_step(name: str, models: dict) -> None:
+    path, ref = models[name]
+    loaded = load_model(str(path))
+    assert loaded.spec.arch == "llama4"
+    model = build_decoder(loaded.spec, loaded.state_dict, max_context=CONTEXT)
+
+    def forward(tokens: list[int], start: int) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([tokens]), torch.tensor([start]))[0].numpy()
+
+    assert _relative_error(_stepped(forward), ref) <= 1e-4
+    with torch.no_grad():
+        assert _relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx", "coreml"])
+@pytest.mark.parametrize("name", ["r1", "r1-noqk"])
+def test_fp32_artifacts_match_transformers_at_every_step(target: str, name: str, models: dict, tmp_path: Path) -> None:
+    path, ref = models[name]
+    opts = ExportOptions(model=str(path), target=target, quant="fp32", out=tmp_path / "a", max_context=CONTEXT)
+    runtime, _, _ = open_runtime(run_export(opts)[0])
+    error = _relative_error(_stepped(runtime.forward), ref)
+    # Core ML keeps K/V in fp16 state (coremltools: "as of iOS 18, Core ML state can only be fp16"): rounding each
+    # cached entry to fp16 costs ~1.5e-4 of the logits' range here, which bounds its agreement.
+    assert error <= (3e-4 if target == "coreml" else 1e-4), error
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx", "coreml"])
+def test_4bit_exports_and_runs(target: str, models: dict, tmp_path: Path) -> None:
+    path, ref = models["r1"]
+    opts = ExportOptions(
+        model=str(path), target=target, quant="4bit", out=tmp_path / "a", max_context=CONTEXT, effort="fast"
+    )
+    runtime, _, _ = open_runtime(run_export(opts)[0])
+    logits = runtime.forward(TOKENS[:PREFILL], 0)
+    assert np.isfinite(logits).all() and logits.shape == (PREFILL, VOCAB)
+
+
+def test_moe_layers_are_refused_by_name() -> None:
+    with pytest.raises(MlexportError, match="mixture-of-experts"):
+        spec_from_hf_config(r1_config(moe_layers=None), "m")  # transformers' default: every layer MoE
+
+
+def test_chunked_attention_without_a_chunk_size_is_refused() -> None:
+    with pytest.raises(MlexportError, match="attention_chunk_size is unset"):
+        spec_from_hf_config(r1_config(layer_types=None, attention_chunk_size=None), "m")
+
+
+def test_context_past_the_chunk_is_refused_naming_the_fix(models: dict) -> None:
+    loaded = load_model(str(models["r1-noqk"][0]))
+    with pytest.raises(MlexportError, match=r"chunked attention .*--max-context 128"):
+        build_decoder(loaded.spec, loaded.state_dict, max_context=256)
+
+
+def test_context_past_temperature_tuning_is_refused_naming_the_fix() -> None:
+    spec = spec_from_hf_config(r1_config(floor_scale=100, max_position_embeddings=4096), "m")
+    assert spec.causal_limit == 99
+    with pytest.raises(MlexportError, match=r"temperature tuning .*--max-context 99"):
+        build_decoder(spec, {}, max_context=128)
