@@ -1,6 +1,6 @@
 """Benchmark: how the default 4-bit ExecuTorch export scales with the model, at the MobileLLM paper's shapes.
 
-    .venv/bin/python benchmarks/export_scale.py [--shapes 125M,350M,1B] [--effort default] [--work DIR]
+    .venv/bin/python benchmarks/export_scale.py [--shapes 125M,350M,1B,R1-140M,R1-950M] [--effort default] [--work DIR]
 
 Writes a random-weight MobileLLM-format checkpoint per shape (fp16 safetensors, fixed seed, the demo's tokenizer
 and so its 49,152-token vocabulary), exports each with `mlexport export --target executorch --quant 4bit` in its own
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,23 +28,28 @@ SHAPES = {
     "125M": {"layers": 30, "dim": 576, "heads": 9, "kv": 3, "ffn": 1536},
     "350M": {"layers": 32, "dim": 960, "heads": 15, "kv": 5, "ffn": 2560},
     "1B": {"layers": 54, "dim": 1280, "heads": 20, "kv": 5, "ffn": 3584},
+    # MobileLLM-R1 (model card): dense Llama 4 text, head_dim 64, a ~128k vocabulary, tied.
+    "R1-140M": {"layers": 15, "dim": 576, "heads": 9, "kv": 3, "ffn": 2048, "family": "llama4", "vocab": 128256},
+    "R1-360M": {"layers": 15, "dim": 1024, "heads": 16, "kv": 4, "ffn": 4096, "family": "llama4", "vocab": 128256},
+    "R1-950M": {"layers": 22, "dim": 1536, "heads": 24, "kv": 6, "ffn": 6144, "family": "llama4", "vocab": 128256},
 }
 WEIGHTS = (".pte", ".ptd")
 
 
-def write_checkpoint(directory: Path, shape: dict[str, int], tokenizer_dir: Path, seed: int = 0) -> int:
-    """A MobileLLM-format folder (config.json with ``share_embedding``, safetensors) with random fp16 weights;
-    returns the parameter count (the tied table once)."""
+def write_checkpoint(directory: Path, shape: dict[str, Any], tokenizer_dir: Path, seed: int = 0) -> int:
+    """A MobileLLM-format folder (config.json with ``share_embedding``, safetensors) with random fp16 weights, or a
+    dense Llama 4 text one for the R1 shapes; returns the parameter count (the tied table once)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    vocab = 49152
+    vocab = shape.get("vocab", 49152)
     dim, ffn, heads, kv = shape["dim"], shape["ffn"], shape["heads"], shape["kv"]
-    head_dim = dim // heads
-    config = {
-        "architectures": ["MobileLLMForCausalLM"],
-        "model_type": "mobilellm",
+    head_dim = shape.get("head_dim", dim // heads)
+    r1 = shape.get("family") == "llama4"
+    config: dict[str, Any] = {
+        "architectures": ["Llama4ForCausalLM" if r1 else "MobileLLMForCausalLM"],
+        "model_type": "llama4_text" if r1 else "mobilellm",
         "vocab_size": vocab,
         "hidden_size": dim,
         "intermediate_size": ffn,
@@ -58,6 +64,17 @@ def write_checkpoint(directory: Path, shape: dict[str, int], tokenizer_dir: Path
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    if r1:  # RoPE and QK norm on every layer, no chunking, no experts (llama.cpp: "all layers are full attention")
+        del config["share_embedding"]
+        config |= {
+            "tie_word_embeddings": True,
+            "intermediate_size_mlp": ffn,
+            "moe_layers": [],
+            "no_rope_layers": [1] * shape["layers"],
+            "layer_types": ["full_attention"] * shape["layers"],
+            "use_qk_norm": True,
+        }
+    mlp = "feed_forward" if r1 else "mlp"
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tokenizer_dir / name, directory / name)
@@ -75,9 +92,9 @@ def write_checkpoint(directory: Path, shape: dict[str, int], tokenizer_dir: Path
             p + "self_attn.k_proj.weight": normal(kv * head_dim, dim),
             p + "self_attn.v_proj.weight": normal(kv * head_dim, dim),
             p + "self_attn.o_proj.weight": normal(dim, heads * head_dim),
-            p + "mlp.gate_proj.weight": normal(ffn, dim),
-            p + "mlp.up_proj.weight": normal(ffn, dim),
-            p + "mlp.down_proj.weight": normal(dim, ffn),
+            p + f"{mlp}.gate_proj.weight": normal(ffn, dim),
+            p + f"{mlp}.up_proj.weight": normal(ffn, dim),
+            p + f"{mlp}.down_proj.weight": normal(dim, ffn),
             p + "input_layernorm.weight": torch.ones(dim).half(),
             p + "post_attention_layernorm.weight": torch.ones(dim).half(),
         }
@@ -102,9 +119,9 @@ def main() -> None:
     tokenizer = demo_tokenizer()
     rows = []
     for name in args.shapes.split(","):
-        model_dir = args.work / f"mobilellm-{name}"
+        model_dir = args.work / f"{'r1' if SHAPES[name].get('family') else 'mobilellm'}-{name}"
         params = write_checkpoint(model_dir, SHAPES[name], tokenizer)
-        out = args.work / f"mobilellm-{name}-executorch-4bit"
+        out = model_dir.with_name(model_dir.name + "-executorch-4bit")
         cmd = [sys.executable, "-m", "mlexport.cli", "export", "--model", str(model_dir), "--target", "executorch"]
         cmd += ["--quant", "4bit", "--effort", args.effort, "-o", str(out), "--force"]
         started = time.perf_counter()
