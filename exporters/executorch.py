@@ -598,4 +598,6 @@ PROFILE = TargetProfile(
     decoder_backend="executorch",
     int8_activations=True,
     symmetric_only=True,
+    # It traces the shared decoder itself, so every decoder feature exports.
+    decoder_features=frozenset({"sliding_window", "sandwich_norms", "mlp_activation=gelu_tanh", "embed_scale"}),
 )

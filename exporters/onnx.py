@@ -273,8 +273,17 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
     cos_table, sin_table = model.rope(0, model.max_context)
     cos = g.const("rope.cos_cache", cos_table[:, 0, : hd // 2].float().numpy(), ["rope.cos"])
     sin = g.const("rope.sin_cache", sin_table[:, 0, : hd // 2].float().numpy(), ["rope.sin"])
+    local_rotary = [cos, sin]
+    if model.local_rope_inv_freq is not None:  # sliding-window layers' own RoPE base (Gemma 3)
+        cos_local, sin_local = model.rope(0, model.max_context, local=True)
+        local_rotary = [
+            g.const("rope.local_cos_cache", cos_local[:, 0, : hd // 2].float().numpy(), ["rope.local_cos"]),
+            g.const("rope.local_sin_cache", sin_local[:, 0, : hd // 2].float().numpy(), ["rope.local_sin"]),
+        ]
 
     h = _embedding(g, model, plan)
+    if spec.embed_scale is not None:
+        h = g.node("Mul", [h, g.const("const.embed_scale", np.array(spec.embed_scale, np.float32))])
     norm_w = _norm_weight(g, model.layers[model.layer_map[0]].input_layernorm, "layers.0.input_layernorm")
     x = g.node("SimplifiedLayerNormalization", [h, norm_w], axis=-1, epsilon=eps, stash_type=1)
     for i, block_idx in enumerate(model.layer_map):
@@ -294,7 +303,7 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             q = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.q_proj", [attn.q_proj]), attn.q_norm, hd, eps)
             k = _head_norm(g, linear.apply(x, f"{prefix}.self_attn.k_proj", [attn.k_proj]), attn.k_norm, hd, eps)
             v = linear.apply(x, f"{prefix}.self_attn.v_proj", [attn.v_proj])
-        rotary = [cos, sin] if attn.use_rope else []  # a NoPE layer attends without positions
+        rotary = (local_rotary if attn.local_rope else [cos, sin]) if attn.use_rope else []  # NoPE: no positions
         gqa = g.node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, *rotary],
@@ -305,18 +314,23 @@ def build_graph(model: Decoder, plan: QuantPlan, accuracy_level: int = DEFAULT_A
             scale=1.0 / float(np.sqrt(hd)),
             do_rotary=int(attn.use_rope),
             rotary_interleaved=0,
-            local_window_size=-1,
+            # the same count as transformers' sliding_window (the current position included): tested past it
+            local_window_size=attn.window if attn.window else -1,
         )
         g.rename(gqa[1], f"present.{i}.key")
         g.rename(gqa[2], f"present.{i}.value")
-        attn_out = linear.apply(gqa[0], f"{prefix}.self_attn.o_proj", [attn.o_proj])
+        attn_out = _out_norm(g, linear.apply(gqa[0], f"{prefix}.self_attn.o_proj", [attn.o_proj]), block, "attn", eps)
         post_w = _norm_weight(g, block.post_attention_layernorm, f"{prefix}.post_attention_layernorm")
         x, h = _skip_norm(g, h, attn_out, post_w, eps)
         mlp = block.mlp
         gate = linear.apply(x, f"{prefix}.mlp.gate_proj", [mlp.gate_proj])
         up = linear.apply(x, f"{prefix}.mlp.up_proj", [mlp.up_proj])
-        act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
-        mlp_out = linear.apply(act, f"{prefix}.mlp.down_proj", [mlp.down_proj])
+        if mlp.activation == "silu":
+            gated = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
+        else:
+            gated = g.node("Gelu", [gate], approximate="tanh")
+        act = g.node("Mul", [gated, up])
+        mlp_out = _out_norm(g, linear.apply(act, f"{prefix}.mlp.down_proj", [mlp.down_proj]), block, "mlp", eps)
         if i + 1 < n_exec:
             nxt = model.layer_map[i + 1]
             next_w = _norm_weight(g, model.layers[nxt].input_layernorm, f"layers.{nxt}.input_layernorm")
@@ -346,6 +360,15 @@ def _skip_norm(g: GraphWriter, residual: str, update: str, weight: str, eps: flo
         epsilon=eps,
     )
     return x, h
+
+
+def _out_norm(g: GraphWriter, x: str, block: nn.Module, branch: str, eps: float) -> str:
+    """Gemma's norm on a branch's output before its residual add; the output itself where the family has none."""
+    norm = getattr(block, f"{branch}_out_norm")
+    if norm is None:
+        return x
+    weight = _norm_weight(g, norm, norm._mlexport_fqn)
+    return g.node("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1)
 
 
 def _norm_weight(g: GraphWriter, norm: RMSNorm, name: str) -> str:
@@ -580,6 +603,7 @@ PROFILE = TargetProfile(
     weight_files=(".onnx", ".onnx.data"),
     # GatherBlockQuantized reads the head's 4-bit blocks: no reason to store the tie twice.
     tie_modes=("shared4", "shared8"),
+    decoder_features=frozenset({"sliding_window", "sandwich_norms", "mlp_activation=gelu_tanh", "embed_scale"}),
     # MatMulNBits scales take the activation dtype (fp32 here), but the file stores them as fp16 behind a Cast
     # that onnxruntime folds at load (GraphWriter.fp16_const).
     scale_bytes={4: 2, 8: 2},

@@ -66,6 +66,8 @@ class TargetProfile:
     blob_record_bytes: int = 0
     # Quantized values reach the artifact at conversion time (Core ML), not through the eager model.
     values_at_conversion: bool = False
+    # What the target's graph implements beyond the plain Llama decoder (``ModelSpec.features``).
+    decoder_features: frozenset[str] = frozenset()
 
     @property
     def stores_block_offsets(self) -> bool:

@@ -8,6 +8,7 @@ traces cleanly with torch.export.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -113,6 +114,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.use_rope = spec.uses_rope(block)
+        self.window = spec.window(block)  # attend to the last ``window`` positions only (None: all of them)
+        self.local_rope = self.window is not None and spec.local_rope_theta is not None
         if spec.qk_norm or (spec.qk_l2_norm and self.use_rope):
             self.q_norm = RMSNorm(hd, spec.norm_eps, weighted=spec.qk_norm)
             self.k_norm = RMSNorm(hd, spec.norm_eps, weighted=spec.qk_norm)
@@ -128,7 +131,9 @@ class Attention(nn.Module):
         cache: KVCache | None,
         start: int | None,
         backend: str,
+        window_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``window_mask`` (``Decoder.window_mask``) restricts a sliding-window layer; None is plain causal."""
         b, t = x.shape[0], x.shape[1]  # views use -1 for t: symbolic shapes are not delegated (see RMSNorm)
         q = self.q_proj(x).view(b, -1, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, -1, self.n_kv, self.head_dim)
@@ -139,17 +144,22 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
 
         if cache is None:  # full-sequence reference path: causal attention over this call's tokens only
-            out = _sdpa(q, k, v, None, causal=True)
+            out = _sdpa(q, k, v, window_mask, causal=window_mask is None)
         elif backend == "executorch":
             torch.ops.llama.update_cache(cast(k, cache.k.dtype), cache.k, start)
             torch.ops.llama.update_cache(cast(v, cache.v.dtype), cache.v, start)
-            out = torch.ops.llama.custom_sdpa(q, cache.k, cache.v, start, None, 0, True)
+            if window_mask is None:
+                out = torch.ops.llama.custom_sdpa(q, cache.k, cache.v, start, None, 0, True)
+            else:  # an additive mask over the whole cache replaces the causal flag
+                out = torch.ops.llama.custom_sdpa(q, cache.k, cache.v, start, window_mask, 0, False)
         else:
             cache.k[:, start : start + t] = k.to(cache.k.dtype)
             cache.v[:, start : start + t] = v.to(cache.v.dtype)
-            positions = torch.arange(cache.k.shape[1], device=x.device)
-            query_pos = start + torch.arange(t, device=x.device)
-            mask = positions[None, :] <= query_pos[:, None]
+            mask = window_mask
+            if mask is None:
+                positions = torch.arange(cache.k.shape[1], device=x.device)
+                query_pos = start + torch.arange(t, device=x.device)
+                mask = positions[None, :] <= query_pos[:, None]
             out = _sdpa(q, cache.k.to(q.dtype), cache.v.to(q.dtype), mask, causal=False)
         return self.o_proj(out.reshape(b, -1, self.n_heads * self.head_dim))
 
@@ -165,15 +175,24 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.transpose(1, 2)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written out: XNNPACK lowers ``gelu`` as the exact (erf) GELU whatever its
+    ``approximate`` argument says, which would silently change Gemma's activation."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "silu" else gelu_tanh(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -182,7 +201,26 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(spec.dim, spec.norm_eps)
         self.self_attn = Attention(spec, block)
         self.post_attention_layernorm = RMSNorm(spec.dim, spec.norm_eps)
-        self.mlp = MLP(spec.dim, spec.ffn_dim[block])
+        self.mlp = MLP(spec.dim, spec.ffn_dim[block], spec.mlp_activation)
+        # Gemma normalizes each branch's output too, before its residual add.
+        self.attn_out_norm = RMSNorm(spec.dim, spec.norm_eps) if spec.sandwich_norms else None
+        self.mlp_out_norm = RMSNorm(spec.dim, spec.norm_eps) if spec.sandwich_norms else None
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rot: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int | None = None,
+        backend: str = "torch",
+        window_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(h), cos, sin, rot, cache, start, backend, window_mask)
+        h = h + (attended if self.attn_out_norm is None else self.attn_out_norm(attended))
+        fed = self.mlp(self.post_attention_layernorm(h))
+        return h + (fed if self.mlp_out_norm is None else self.mlp_out_norm(fed))
 
 
 class HadamardRotation(nn.Module):
@@ -259,6 +297,11 @@ class Decoder(nn.Module):
         )
         # A plain attribute, not a buffer: ``.to(fp16)`` must not round the frequencies (angles reach ctx * f).
         self.rope_inv_freq = rope_inv_freq(spec)
+        self.local_rope_inv_freq = (
+            rope_inv_freq(dataclasses.replace(spec, rope_theta=spec.local_rope_theta, rope_scaling=None))
+            if spec.local_rope_theta is not None
+            else None
+        )
         # Set by quantize.rotation when the plan stores the tied table rotated (ExecuTorch's int8 head).
         self.tie_rotation: HadamardRotation | None = None
         self.register_buffer("rope_rot_t", rotate_half_matrix(spec.head_dim).T.contiguous(), persistent=False)
@@ -268,39 +311,68 @@ class Decoder(nn.Module):
             cache.k.zero_()
             cache.v.zero_()
 
-    def rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [t, 1, head_dim] for positions start..start+t-1 (broadcast over heads).
+    def rope(self, start: int, t: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [t, 1, head_dim] for positions start..start+t-1 (broadcast over heads); ``local``: the
+        sliding-window layers' own base.
 
         Computed per call rather than stored: a [max_context, head_dim] table pair is 1 MB of the 4-bit demo
         `.pte` at a 2048 context, more than a dozen 8-bit tensor upgrades cost."""
         positions = torch.arange(start, start + t, dtype=torch.float32)
-        freqs = positions[:, None] * self.rope_inv_freq[None, :]
+        inv_freq = self.local_rope_inv_freq if local else self.rope_inv_freq
+        freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         dtype = self.norm.weight.dtype
         return cast(emb.cos(), dtype), cast(emb.sin(), dtype)
+
+    def window_mask(self, start: int | None, t: int, window: int) -> torch.Tensor:
+        """What each of this call's t queries sees in a sliding-window layer: keys in (q - window, q]. Over this
+        call's tokens without a cache, else over the whole cache; additive float for ExecuTorch's SDPA."""
+        query = torch.arange(t) + (0 if start is None else start)
+        keys = torch.arange(t) if start is None else torch.arange(self.max_context)
+        allowed = (keys[None, :] <= query[:, None]) & (keys[None, :] > query[:, None] - window)
+        if start is not None and self.backend == "executorch":
+            zero = torch.zeros((), dtype=self.caches[0].k.dtype)
+            return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=zero.dtype))
+        return allowed
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]
         if input_pos is None:
             start = None
-            cos, sin = self.rope(0, t)
         else:
             start = input_pos[0].item()
             torch._check(start >= 0)
             torch._check(start + t <= self.max_context)
-            cos, sin = self.rope(start, t)
+        # Each RoPE base and window the layers use, computed once for all of them.
+        first = 0 if start is None else start
+        ropes = {local: self.rope(first, t, local) for local in {b.self_attn.local_rope for b in self.layers}}
+        windows = {b.self_attn.window for b in self.layers} - {None}
+        masks = {w: self.window_mask(start, t, w) for w in windows}
         h = self.embed(tokens)
         for layer_idx, block_idx in enumerate(self.layer_map):
             block = self.layers[block_idx]
+            attn = block.self_attn
             cache = self.caches[layer_idx] if start is not None else None
-            h = h + block.self_attn(block.input_layernorm(h), cos, sin, self.rope_rot_t, cache, start, self.backend)
-            h = h + block.mlp(block.post_attention_layernorm(h))
+            cos, sin = ropes[attn.local_rope]
+            mask = masks.get(attn.window) if attn.window else None
+            h = block(h, cos, sin, self.rope_rot_t, cache, start, self.backend, mask)
         return cast(self.lm_head(self.head_input(h)), torch.float32)
 
+    def run_block(self, block: Block, h: torch.Tensor) -> torch.Tensor:
+        """``block`` (a stored block or a copy of one) over whole sequences without the cache: what the quantizers
+        run block by block."""
+        t = h.shape[1]
+        attn = block.self_attn
+        cos, sin = self.rope(0, t, attn.local_rope)
+        mask = self.window_mask(None, t, attn.window) if attn.window else None
+        return block(h, cos, sin, self.rope_rot_t, None, None, "torch", mask)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The residual stream's first value: the lookup, rotated back when the table is stored rotated."""
+        """The residual stream's first value: the lookup, rotated back when the table is stored rotated, and
+        scaled when the family scales it (Gemma)."""
         h = self.embed_tokens(tokens)
-        return h if self.tie_rotation is None else self.tie_rotation.undo(h)
+        h = h if self.tie_rotation is None else self.tie_rotation.undo(h)
+        return h if self.spec.embed_scale is None else h * self.spec.embed_scale
 
     def head_input(self, h: torch.Tensor) -> torch.Tensor:
         """What the head reads: the final norm's output, rotated like the table when it is stored rotated."""

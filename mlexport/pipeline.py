@@ -288,6 +288,14 @@ def run_export(opts: ExportOptions, status: Status | None = None) -> list[Path]:
     say(f"loading model {opts.model!r}")
     with log.stage("load"):
         loaded = load_model(opts.model)
+    for target in targets:  # before any quantization: a target whose graph lacks a feature fails in seconds
+        missing = sorted(loaded.spec.features() - profile(target).decoder_features)
+        if missing:
+            able = [name for name, p in profiles().items() if loaded.spec.features() <= p.decoder_features]
+            raise MlexportError(
+                f"the {target} exporter does not implement {', '.join(missing)} ({loaded.spec.arch}) yet; "
+                f"use --target {' or '.join(able) or 'another target'}"
+            )
     results = []
     for target, out in zip(targets, outs, strict=True):
         results.append(_export_one(loaded, opts, target, out, StageLog(list(log.stages)), say))

@@ -283,7 +283,9 @@ def check_weights(state_dict: dict[str, torch.Tensor], spec: ModelSpec, config: 
         raise MlexportError(f"the weights hold {extra[0]}, which {config} does not describe; fix the config")
 
 
-def normalize_state_dict(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict[str, torch.Tensor], list[str]]:
+def normalize_state_dict(
+    raw: dict[str, torch.Tensor], spec: ModelSpec, cfg: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Strip the ``model.`` prefix, drop rotary buffers, and resolve a stored lm_head against the tie.
 
     A checkpoint that stores both the embedding and an lm_head is only treated as tied when the bytes are equal.
@@ -297,7 +299,7 @@ def normalize_state_dict(raw: dict[str, torch.Tensor], spec: ModelSpec) -> tuple
         sd[key] = value.float() if value.is_floating_point() else value
     family = architectures.by_name(spec.arch)
     if family is not None and family.hf_weights is not None:
-        sd = family.hf_weights(sd, spec)
+        sd = family.hf_weights(sd, spec, cfg or {})
     head = sd.get("lm_head.weight")
     if spec.tie_embeddings and head is not None:
         if torch.equal(head, sd["embed_tokens.weight"]):
@@ -324,7 +326,7 @@ def load_hf_dir(path: Path) -> LoadedModel:
     except KeyError as exc:
         raise MlexportError(f"{config_path} lacks {exc.args[0]!r}; is this a causal LM config?") from None
     raw, files = _read_weights(path)
-    sd, notes = normalize_state_dict(raw, spec)
+    sd, notes = normalize_state_dict(raw, spec, cfg)
     check_weights(sd, spec, "config.json")
     check_finite(sd)
     gen_cfg = path / "generation_config.json"

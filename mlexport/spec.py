@@ -38,6 +38,15 @@ class ModelSpec:
     # or where Llama 4's attention temperature tuning starts scaling q. An export may not reach past it.
     causal_limit: int | None = None
     causal_limit_reason: str | None = None
+    mlp_activation: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    # Gemma's extra norms on the attention's and the MLP's outputs, before each residual add.
+    sandwich_norms: bool = False
+    embed_scale: float | None = None  # the lookup's rows times this (Gemma: sqrt(dim)); the tied head reads them as is
+    # Sliding-window attention: the blocks that attend to their last ``sliding_window`` positions only, and the
+    # RoPE base those blocks use (Gemma 3's local layers); the others attend to the whole context.
+    sliding_window: int | None = None
+    sliding_blocks: list[bool] | None = None
+    local_rope_theta: float | None = None
     max_context: int = 2048
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
@@ -50,6 +59,25 @@ class ModelSpec:
     def uses_rope(self, block: int) -> bool:
         return self.rope_blocks is None or bool(self.rope_blocks[block])
 
+    def window(self, block: int) -> int | None:
+        """The sliding window of ``block``, or None when it attends to the whole context."""
+        if self.sliding_window is None or not self.sliding_blocks or not self.sliding_blocks[block]:
+            return None
+        return self.sliding_window
+
+    def features(self) -> set[str]:
+        """What this spec needs of an exporter beyond the plain Llama decoder (each target says what it runs)."""
+        used = set()
+        if any(self.window(b) for b in range(self.n_blocks)):
+            used.add("sliding_window")
+        if self.sandwich_norms:
+            used.add("sandwich_norms")
+        if self.mlp_activation != "silu":
+            used.add(f"mlp_activation={self.mlp_activation}")
+        if self.embed_scale is not None:
+            used.add("embed_scale")
+        return used
+
     @property
     def n_layers(self) -> int:
         """Executed layers: each needs its own KV cache, even when it reuses a stored block's weights."""
@@ -61,8 +89,12 @@ class ModelSpec:
             raise ValueError("per-block lists n_heads, n_kv_heads and ffn_dim must have one entry per block")
         if any(b < 0 or b >= n for b in self.layer_map):
             raise ValueError(f"layer_map refers to a block outside 0..{n - 1}")
-        if self.rope_blocks is not None and len(self.rope_blocks) != n:
-            raise ValueError(f"rope_blocks lists {len(self.rope_blocks)} blocks, the spec has {n}")
+        for name in ("rope_blocks", "sliding_blocks"):
+            flags = getattr(self, name)
+            if flags is not None and len(flags) != n:
+                raise ValueError(f"{name} lists {len(flags)} blocks, the spec has {n}")
+        if self.mlp_activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"mlp_activation {self.mlp_activation!r} is not silu or gelu_tanh")
         for h, kv in zip(self.n_heads, self.n_kv_heads, strict=True):
             if kv <= 0 or h % kv:
                 raise ValueError(f"n_heads {h} is not a multiple of n_kv_heads {kv}")
@@ -74,7 +106,7 @@ class ModelSpec:
         d, hd = self.dim, self.head_dim
         for b in blocks:
             h, kv, f = self.n_heads[b], self.n_kv_heads[b], self.ffn_dim[b]
-            total += 2 * d * hd * h + 2 * d * hd * kv + 3 * d * f + 2 * d
+            total += 2 * d * hd * h + 2 * d * hd * kv + 3 * d * f + (4 if self.sandwich_norms else 2) * d
             if self.qkv_bias:
                 total += hd * (h + 2 * kv)
             if self.qk_norm:
@@ -112,6 +144,8 @@ class ModelSpec:
                 }
             if self.qk_norm:
                 shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+            if self.sandwich_norms:
+                shapes |= {p + "attn_out_norm.weight": (d,), p + "mlp_out_norm.weight": (d,)}
         return shapes
 
     def to_dict(self) -> dict[str, Any]:

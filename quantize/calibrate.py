@@ -463,10 +463,7 @@ def _key(q: TensorQuant) -> tuple:
 
 
 def _run_block(model: nn.Module, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    t = h.shape[1]
-    cos, sin = model.rope(0, t)
-    h = h + block.self_attn(block.input_layernorm(h), cos, sin, model.rope_rot_t, None, None, "torch")
-    return h + block.mlp(block.post_attention_layernorm(h))
+    return model.run_block(block, h)
 
 
 # --- cache: GPTQ is deterministic for a model, plan and calibration text, so validate need not run it again ---

@@ -28,13 +28,11 @@ def tensor_sensitivity(
 ) -> dict[str, float]:
     """KLD(fp32 ‖ only this tensor quantized) per 4-bit Linear weight of the blocks, over the first ``n_tokens``."""
     tokens = tokens[: min(n_tokens, model.max_context)]
-    t = len(tokens)
-    (cos, sin), rot = model.rope(0, t), model.rope_rot_t
     h = model.embed(torch.tensor([tokens]))
     inputs = []  # fp32 input of every executed layer
     for b in model.layer_map:
         inputs.append(h)
-        h = _block(model.layers[b], h, cos, sin, rot)
+        h = model.run_block(model.layers[b], h)
     ref = F.log_softmax(model.lm_head(model.head_input(h)).float(), dim=-1)
     first_run = {}
     for i, b in enumerate(model.layer_map):
@@ -56,12 +54,12 @@ def tensor_sensitivity(
             original = module.weight.data
             module.weight.data = rtn(original, 4, q.group_size or original.shape[1], not q.asymmetric).dequantize()
             try:
-                outs.append(_block(model.layers[b], inputs[start], cos, sin, rot))
+                outs.append(model.run_block(model.layers[b], inputs[start]))
                 # a stored block that runs again right away (MobileLLM-LS) runs perturbed again
                 for layer in model.layer_map[start + 1 :]:
                     if layer != b:
                         break
-                    outs[-1] = _block(model.layers[b], outs[-1], cos, sin, rot)
+                    outs[-1] = model.run_block(model.layers[b], outs[-1])
             finally:
                 module.weight.data = original
         x = torch.cat(outs)
@@ -69,7 +67,7 @@ def tensor_sensitivity(
         while start + runs < len(model.layer_map) and model.layer_map[start + runs] == b:
             runs += 1
         for layer in model.layer_map[start + runs :]:
-            x = _block(model.layers[layer], x, cos, sin, rot)
+            x = model.run_block(model.layers[layer], x)
         test = F.log_softmax(model.lm_head(model.head_input(x)).float(), dim=-1)
         kld = (ref.exp() * (ref - test)).sum(-1).mean(-1)
         for name, value in zip(names, kld.tolist(), strict=True):
@@ -77,11 +75,6 @@ def tensor_sensitivity(
         if progress:
             progress(len(result), len(candidates))
     return result
-
-
-def _block(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    h = h + block.self_attn(block.input_layernorm(h), cos, sin, rot, None, None, "torch")
-    return h + block.mlp(block.post_attention_layernorm(h))
 
 
 def upgrade_cost(shape: torch.Size, q: TensorQuant, upgraded: TensorQuant, scale_bytes: dict[int, int]) -> int:

@@ -25,9 +25,9 @@ class Architecture:
     gguf_names: tuple[str, ...] = ()  # GGUF "general.architecture" values
     # llama.cpp stores q/k rows permuted for its interleaved RoPE: undo it when reading the GGUF.
     gguf_rope_rows_permuted: bool = False
-    # (state dict without ``model.``, the spec) -> the same weights under the decoder's names and layout, for a
-    # family whose checkpoint names or lays them out differently.
-    hf_weights: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
+    # (state dict without ``model.``, the spec, config.json) -> the same weights under the decoder's names and
+    # layout, for a family whose checkpoint names or lays them out differently.
+    hf_weights: Callable[[dict[str, Any], Any, dict[str, Any]], dict[str, Any]] | None = None
 
     def describe(self) -> str:
         return f"{self.hf_class} ({'/'.join(self.model_types)})"

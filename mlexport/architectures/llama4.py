@@ -89,7 +89,7 @@ def _pairs_to_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     return weight.reshape(heads, head_dim // 2, 2, *tail).transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-def hf_weights(sd: dict[str, Any], spec: Any) -> dict[str, Any]:
+def hf_weights(sd: dict[str, Any], spec: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in sd.items():
         key = key.replace(".feed_forward.", ".mlp.")
