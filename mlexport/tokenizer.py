@@ -35,11 +35,21 @@ class Tokenizer:
         self.chat_template = chat_template or (jinja.read_text() if jinja.is_file() else config.get("chat_template"))
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
+        self.add_bos = bool(config.get("add_bos_token"))
 
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:
             return list(self._sp.encode(text))
         return self._hf.encode(text, add_special_tokens=False).ids
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's ids as the model expects them: BOS first when its tokenizer adds one (Gemma), unless the text
+        (a rendered chat template) already starts with it."""
+        ids = self.encode(text)
+        if not self.add_bos or self.bos_token is None:
+            return ids
+        bos = self._sp.bos_id() if self._sp is not None else self._hf.token_to_id(self.bos_token)
+        return ids if bos is None or bos < 0 or ids[:1] == [bos] else [bos, *ids]
 
     def decode(self, ids: list[int]) -> str:
         if self._sp is not None:

@@ -28,6 +28,9 @@ class Architecture:
     # (state dict without ``model.``, the spec, config.json) -> the same weights under the decoder's names and
     # layout, for a family whose checkpoint names or lays them out differently.
     hf_weights: Callable[[dict[str, Any], Any, dict[str, Any]], dict[str, Any]] | None = None
+    # (a GGUF header field getter taking the key without the architecture prefix, the common fields) -> this
+    # family's ModelSpec fields, for a family whose GGUF header says more than the common fields.
+    gguf_fields: Callable[[Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
 
     def describe(self) -> str:
         return f"{self.hf_class} ({'/'.join(self.model_types)})"

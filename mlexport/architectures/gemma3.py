@@ -108,10 +108,33 @@ def hf_weights(sd: dict[str, Any], spec: Any, cfg: dict[str, Any]) -> dict[str, 
     return out
 
 
+# llama.cpp's Gemma 3 layout, which the GGUF header does not carry: every 6th layer global, the local base 10,000.
+# Its GGUF already stores the norms' gains as 1 + w, and the attention scale as 1/sqrt(head_dim) (all but 27B).
+GGUF_PATTERN = 6
+
+
+def gguf_fields(field: Any, common: dict[str, Any]) -> dict[str, Any]:
+    n = len(common["layer_map"])
+    window = field("attention.sliding_window", None)
+    sliding = [(i + 1) % GGUF_PATTERN != 0 for i in range(n)] if window else None
+    return {
+        **common,
+        "qk_norm": True,
+        "mlp_activation": "gelu_tanh",
+        "sandwich_norms": True,
+        "embed_scale": math.sqrt(common["dim"]),
+        "sliding_window": int(window) if window else None,
+        "sliding_blocks": sliding,
+        "local_rope_theta": float(field("rope.freq_base_swa", LOCAL_THETA)) if window else None,
+    }
+
+
 ARCH = Architecture(
     name="gemma3",
     hf_class="Gemma3ForCausalLM",
     model_types=("gemma3_text",),
     hf_fields=hf_fields,
     hf_weights=hf_weights,
+    gguf_names=("gemma3",),
+    gguf_fields=gguf_fields,
 )
