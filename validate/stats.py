@@ -20,8 +20,23 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+# Rows per float64 pass: each row is independent, and a 262k-token vocabulary makes 2,048 rows ~4 GB per copy.
+ROWS_PER_CHUNK = 128
+
+
 def per_token(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-position KL(ref||test), top-1 agreement, true-token probabilities and NLLs, cosine and error energy."""
+    """Per-position KL(ref||test), top-1 agreement, true-token probabilities and NLLs, cosine and error energy;
+    computed a chunk of rows at a time, so memory stays flat in the vocabulary's size."""
+    chunks = [
+        _per_token(
+            ref_logits[i : i + ROWS_PER_CHUNK], test_logits[i : i + ROWS_PER_CHUNK], targets[i : i + ROWS_PER_CHUNK]
+        )
+        for i in range(0, len(targets), ROWS_PER_CHUNK)
+    ]
+    return {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+
+
+def _per_token(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     lr, lt = log_softmax(ref_logits), log_softmax(test_logits)
     pr = np.exp(lr)
     kld = np.maximum((pr * (lr - lt)).sum(-1), 0.0)
