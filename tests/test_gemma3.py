@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, save_hf_dir
+from tiny import VOCAB, llama_config, reference_logits, relative_error, stepped
 
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
@@ -58,24 +58,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.ndarray]]:
-    root = tmp_path_factory.mktemp("gemma3")
-    out = {}
-    for name, cfg in CONFIGS.items():
-        reference = save_hf_dir(root / name, cfg)
-        with torch.no_grad():
-            logits = reference(torch.tensor([TOKENS])).logits[0].float().numpy()
-        out[name] = (root / name, logits)
-    return out
-
-
-def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / (ref.max() - ref.min()))
-
-
-def _stepped(forward) -> np.ndarray:  # noqa: ANN001
-    rows = [forward(TOKENS[:PREFILL], 0)]
-    rows += [forward([t], PREFILL + i) for i, t in enumerate(TOKENS[PREFILL:])]
-    return np.concatenate(rows)
+    return reference_logits(tmp_path_factory.mktemp("gemma3"), CONFIGS, TOKENS)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -89,9 +72,9 @@ def test_decoder_matches_transformers_at_every_step(name: str, models: dict) -> 
         with torch.no_grad():
             return model(torch.tensor([tokens]), torch.tensor([start]))[0].numpy()
 
-    assert _relative_error(_stepped(forward), ref) <= 1e-4
+    assert relative_error(stepped(forward, TOKENS, PREFILL), ref) <= 1e-4
     with torch.no_grad():
-        assert _relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
+        assert relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("target", ["executorch", "onnx"])
@@ -100,7 +83,7 @@ def test_fp32_artifacts_match_transformers_at_every_step(name: str, target: str,
     path, ref = models[name]
     opts = ExportOptions(model=str(path), target=target, quant="fp32", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    assert _relative_error(_stepped(runtime.forward), ref) <= 1e-4
+    assert relative_error(stepped(runtime.forward, TOKENS, PREFILL), ref) <= 1e-4
 
 
 @pytest.mark.slow
@@ -110,7 +93,7 @@ def test_4bit_pte_exports_and_tracks_the_reference(models: dict, tmp_path: Path)
     path, ref = models["gemma3"]
     opts = ExportOptions(model=str(path), target="executorch", quant="4bit", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    logits = torch.from_numpy(_stepped(runtime.forward)).log_softmax(-1)
+    logits = torch.from_numpy(stepped(runtime.forward, TOKENS, PREFILL)).log_softmax(-1)
     reference = torch.from_numpy(ref).log_softmax(-1)
     kld = float((reference.exp() * (reference - logits)).sum(-1).mean())
     assert kld <= 0.05, kld  # 0.017 measured; the 8-bit export's is 0.0007

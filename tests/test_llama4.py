@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, save_hf_dir
+from tiny import VOCAB, llama_config, reference_logits, relative_error, stepped
 
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
@@ -63,26 +63,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np.ndarray]]:
-    """Each config's checkpoint and transformers' logits for TOKENS (one full forward: causal, so it is the
-    reference for every prefill and decode step)."""
-    root = tmp_path_factory.mktemp("llama4")
-    out = {}
-    for name, cfg in CONFIGS.items():
-        reference = save_hf_dir(root / name, cfg)
-        with torch.no_grad():
-            logits = reference(torch.tensor([TOKENS])).logits[0].float().numpy()
-        out[name] = (root / name, logits)
-    return out
-
-
-def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / (ref.max() - ref.min()))
-
-
-def _stepped(forward) -> np.ndarray:  # noqa: ANN001
-    rows = [forward(TOKENS[:PREFILL], 0)]
-    rows += [forward([t], PREFILL + i) for i, t in enumerate(TOKENS[PREFILL:])]
-    return np.concatenate(rows)
+    return reference_logits(tmp_path_factory.mktemp("llama4"), CONFIGS, TOKENS)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -96,9 +77,9 @@ def test_decoder_matches_transformers_at_every_step(name: str, models: dict) -> 
         with torch.no_grad():
             return model(torch.tensor([tokens]), torch.tensor([start]))[0].numpy()
 
-    assert _relative_error(_stepped(forward), ref) <= 1e-4
+    assert relative_error(stepped(forward, TOKENS, PREFILL), ref) <= 1e-4
     with torch.no_grad():
-        assert _relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
+        assert relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("target", ["executorch", "onnx", "coreml"])
@@ -107,7 +88,7 @@ def test_fp32_artifacts_match_transformers_at_every_step(target: str, name: str,
     path, ref = models[name]
     opts = ExportOptions(model=str(path), target=target, quant="fp32", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    error = _relative_error(_stepped(runtime.forward), ref)
+    error = relative_error(stepped(runtime.forward, TOKENS, PREFILL), ref)
     # Core ML keeps K/V in fp16 state (coremltools: "as of iOS 18, Core ML state can only be fp16"): rounding each
     # cached entry to fp16 costs ~1.5e-4 of the logits' range here, which bounds its agreement.
     assert error <= (3e-4 if target == "coreml" else 1e-4), error
@@ -123,7 +104,7 @@ def test_4bit_exports_and_runs(target: str, models: dict, tmp_path: Path) -> Non
     runtime, _, _ = open_runtime(run_export(opts)[0])
     logits = runtime.forward(TOKENS[:PREFILL], 0)
     assert np.isfinite(logits).all() and logits.shape == (PREFILL, VOCAB)
-    assert _relative_error(logits, ref[:PREFILL]) <= 0.25
+    assert relative_error(logits, ref[:PREFILL]) <= 0.25
 
 
 def test_moe_layers_are_refused_by_name() -> None:

@@ -104,3 +104,28 @@ def random_state_dict(spec, seed: int = 0) -> dict[str, torch.Tensor]:  # noqa: 
     return {
         k: torch.randn_like(v) for k, v in Decoder(spec, max_context=8).state_dict().items() if k != "lm_head.weight"
     }
+
+
+def reference_logits(root: Path, configs: dict[str, dict[str, Any]], tokens: list[int]) -> dict[str, tuple[Path, Any]]:
+    """Each config's checkpoint under ``root`` and transformers' logits for ``tokens``: one causal forward, so it is
+    the reference for every prefill and decode step of a run over them."""
+    out = {}
+    for name, cfg in configs.items():
+        reference = save_hf_dir(root / name, cfg)
+        with torch.no_grad():
+            out[name] = (root / name, reference(torch.tensor([tokens])).logits[0].float().numpy())
+    return out
+
+
+def relative_error(got: Any, ref: Any) -> float:
+    """Max-abs difference over the reference logits' range."""
+    return float(abs(got - ref).max() / (ref.max() - ref.min()))
+
+
+def stepped(forward: Any, tokens: list[int], prefill: int) -> Any:
+    """``forward(ids, start)`` over ``tokens``: the first ``prefill`` at once, then one at a time through the cache."""
+    import numpy as np
+
+    rows = [forward(tokens[:prefill], 0)]
+    rows += [forward([t], prefill + i) for i, t in enumerate(tokens[prefill:])]
+    return np.concatenate(rows)
