@@ -559,4 +559,7 @@ PROFILE = TargetProfile(
     # weight.bin's fixed cost per blob: a 64-byte metadata record, and data aligned to 64 bytes.
     blob_record_bytes=128,
     values_at_conversion=True,
+    runtimes=("coreml",),
+    # Core ML's runtime exists only on macOS (`run` and `validate` fall back to the MIL interpreter elsewhere).
+    bench_devices=("macos",),
 )

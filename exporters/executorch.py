@@ -600,4 +600,7 @@ PROFILE = TargetProfile(
     symmetric_only=True,
     # It traces the shared decoder itself, so every decoder feature exports.
     decoder_features=frozenset({"sliding_window", "sandwich_norms", "mlp_activation=gelu_tanh", "embed_scale"}),
+    runtimes=("executorch",),
+    # The same .pte runs under llama_main on a phone and under the arm64 runner in qemu.
+    bench_devices=("host", "macos", "adb", "qemu-arm64"),
 )

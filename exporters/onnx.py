@@ -622,4 +622,6 @@ PROFILE = TargetProfile(
     int8_per_channel=False,
     # --accuracy-level 0: MatMulNBits with fp32 activations, weights-only.
     weight_only=lambda opts: opts.accuracy_level == 0,
+    runtimes=("onnxruntime", "onnxruntime-genai"),
+    bench_devices=("host", "macos"),
 )

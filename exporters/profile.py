@@ -68,6 +68,10 @@ class TargetProfile:
     values_at_conversion: bool = False
     # What the target's graph implements beyond the plain Llama decoder (``ModelSpec.features``).
     decoder_features: frozenset[str] = frozenset()
+    # The runtimes that execute its artifacts (keys of validate.runtimes.RUNTIMES, or a runtime bench drives
+    # itself), the one `run` and `validate` use first; and the `bench --device` kinds that run them.
+    runtimes: tuple[str, ...] = ()
+    bench_devices: tuple[str, ...] = ("host",)
 
     @property
     def stores_block_offsets(self) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from mlexport.artifacts import describe_files, tool_versions, write_bytes_atomic, write_json_atomic
 from mlexport.errors import MlexportError
-from mlexport.pipeline import TARGETS, ExportOptions, toml_option_types
+from mlexport.pipeline import TARGETS, ExportOptions, expand_targets, toml_option_types
 from mlexport.quantize import PRESETS as QUANTS
 from mlexport.sources import sha256_file
 
@@ -96,7 +96,7 @@ def load_config(path: Path) -> BuildConfig:
         for key in ("name", "targets", "quants"):
             if key not in m:
                 raise _fail(path, f"{where} needs {key!r}")
-        targets = [t for t in m["targets"] for t in (TARGETS if t == "all" else [t])]
+        targets = [t for name in m["targets"] for t in expand_targets(name)]
         for t in targets:
             if t not in TARGETS:
                 raise _fail(path, f"{where}: unknown target {t!r}; choose from {', '.join(TARGETS)} or all")

@@ -36,6 +36,13 @@ from mlexport.sharing import SharingPlan, build_sharing_plan
 from mlexport.sources import LoadedModel, load_model
 
 TARGETS = tuple(profiles())
+# Names --target takes beside a single target's.
+TARGET_GROUPS = {"all": TARGETS}
+
+
+def expand_targets(name: str) -> list[str]:
+    """The targets one --target value names: a group's members, or the one target."""
+    return list(TARGET_GROUPS.get(name, (name,)))
 
 
 def profile(target: str) -> TargetProfile:
@@ -221,7 +228,7 @@ def validate_options(opts: ExportOptions) -> list[str]:
         raise MlexportError(f"unknown --effort {opts.effort!r}; choose one of {', '.join(EFFORTS)}")
     if opts.quant not in PRESETS:
         raise MlexportError(f"unknown --quant {opts.quant!r}; choose one of {', '.join(PRESETS)}")
-    targets = list(TARGETS) if opts.target == "all" else [opts.target]
+    targets = expand_targets(opts.target)
     for t in targets:
         if t not in TARGETS:
             raise MlexportError(f"unknown --target {t!r}; choose one of {', '.join(TARGETS)}, all")

@@ -86,7 +86,7 @@ def test_bad_requests_are_one_line_errors(artifacts: dict[str, Path], monkeypatc
         parse_device("phone")
     with pytest.raises(MlexportError, match="does not run executorch"):
         run_bench([artifacts["et4"]], "host", QUICK, runtime="onnxruntime")
-    with pytest.raises(MlexportError, match="runs .pte artifacts"):
+    with pytest.raises(MlexportError, match="--device qemu-arm64 runs executorch artifacts; .* is onnx"):
         run_bench([artifacts["onnx4"]], "qemu-arm64", QUICK)
     assert parse_device("adb:R58M12ABCDE") == ("adb", "R58M12ABCDE")
 

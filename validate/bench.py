@@ -29,11 +29,6 @@ from mlexport.artifacts import read_manifest, write_bytes_atomic
 from mlexport.errors import MlexportError
 
 DEVICES = ("host", "adb", "qemu-arm64", "macos")
-RUNTIMES = {
-    "executorch": ["executorch"],
-    "onnx": ["onnxruntime", "onnxruntime-genai"],
-    "coreml": ["coreml"],
-}
 METRICS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s")
 WORKER_TAG = "MLEXPORT-BENCH "
 
@@ -139,7 +134,9 @@ def _check_context(manifest: dict[str, Any], settings: BenchSettings) -> None:
 def available_runtimes(target: str, directory: Path, peer: bool = False) -> tuple[list[str], list[str]]:
     """The runtimes to time for a target on this machine, and notes on the ones left out."""
     runtimes, notes = [], []
-    for name in RUNTIMES.get(target, []):
+    from mlexport.validate.runtimes import target_runtimes
+
+    for name in target_runtimes(target):
         if peer and name == "onnxruntime":
             continue  # a rival's ONNX graph has its own inputs; its own runtime (genai) times it
         if name == "onnxruntime-genai":
@@ -169,28 +166,15 @@ def _peak_rss_mb() -> float:
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
 
 
-def _open(runtime: str, directory: Path, manifest: dict[str, Any], threads: int | None) -> Any:
-    from mlexport.validate import runtimes
-
-    if runtime == "executorch":
-        ptd = next(iter(sorted(directory.glob("*.ptd"))), None)
-        return runtimes.ExecuTorchRuntime(directory / "model.pte", ptd)
-    if runtime == "onnxruntime":
-        return runtimes.OnnxRuntime(directory, manifest, threads=threads)
-    if runtime == "coreml":
-        if sys.platform != "darwin":
-            raise MlexportError("Core ML artifacts run on macOS only: bench them with --device macos on a Mac")
-        return runtimes.CoreMLRuntime(directory, manifest)
-    raise MlexportError(f"unknown runtime {runtime!r}")
-
-
 def _timed_rounds(runtime: str, directory: Path, manifest: dict[str, Any], prompt: list[int], s: BenchSettings):  # noqa: ANN202
+    from mlexport.validate.runtimes import RUNTIMES
+
     from mlexport.generate import prefill
 
     rounds = []
     for _ in range(s.warmup + s.repeat):
         t0 = time.perf_counter()
-        model = _open(runtime, directory, manifest, s.threads)
+        model = RUNTIMES[runtime].open(directory, manifest, s.threads)
         t1 = time.perf_counter()
         token = int(np.argmax(prefill(model, prompt)[-1]))
         t2 = time.perf_counter()
@@ -242,15 +226,10 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
     runtime = request["runtime"]
     tokenizer = Path(request["tokenizer"]) if request.get("tokenizer") else None
     prompt = prompt_ids(directory, manifest, settings.prompt_tokens, tokenizer)
-    if runtime == "executorch":
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-        import executorch.kernels.quantized  # noqa: F401
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from mlexport.validate.runtimes import RUNTIMES
 
-        if settings.threads:
-            _unsafe_reset_threadpool(settings.threads)
-    elif runtime == "onnxruntime":
-        import onnxruntime  # noqa: F401
+    if runtime in RUNTIMES:
+        RUNTIMES[runtime].prepare_process(settings.threads)
     baseline = _rss_mb()
     if runtime == "onnxruntime-genai":
         rounds = _genai_rounds(directory, prompt, settings)
@@ -330,9 +309,7 @@ def bench_adb(
 
     from mlexport.tokenizer import Tokenizer
 
-    directory, manifest = bench_manifest(artifact)
-    if manifest.get("target") != "executorch":
-        raise MlexportError(f"--device adb runs .pte artifacts; {directory.name} is {manifest.get('target')}")
+    directory, manifest = _runs_on(artifact, "adb")
     _check_context(manifest, settings)
     ids = prompt_ids(directory, manifest, settings.prompt_tokens, tokenizer)
     text = Tokenizer(tokenizer or directory).decode(ids)
@@ -350,21 +327,28 @@ def bench_adb(
     return result
 
 
-def _require_pte(artifact: Path) -> tuple[Path, dict[str, Any]]:
+def _runs_on(artifact: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The artifact's directory and manifest, when its target's profile lists ``kind`` among its bench devices."""
+    from mlexport.exporters import profiles
+
     directory, manifest = bench_manifest(artifact)
-    if manifest.get("target") != "executorch":
-        raise MlexportError(f"--device qemu-arm64 runs .pte artifacts; {directory.name} is {manifest.get('target')}")
+    target = manifest.get("target", "?")
+    devices = {name: p.bench_devices for name, p in profiles().items()}
+    if kind not in devices.get(target, ()):
+        runs = " or ".join(name for name, kinds in devices.items() if kind in kinds) or "no"
+        where = " or ".join(f"--device {d}" for d in devices.get(target, ())) or "no device"
+        raise MlexportError(f"--device {kind} runs {runs} artifacts; {directory.name} is {target} (use {where})")
     return directory, manifest
 
 
 def bench_qemu(artifact: Path, settings: BenchSettings, cpu: str, tokenizer: Path | None = None) -> BenchResult:
     """The host's and emulated arm64's logits for one prefill-and-decode schedule, compared."""
     from mlexport.validate.arm64 import run_emulated
-    from mlexport.validate.runtimes import ExecuTorchRuntime
+    from mlexport.validate.runtimes import ExecuTorchRuntime, pte_files
 
-    directory, manifest = _require_pte(artifact)
+    directory, manifest = _runs_on(artifact, "qemu-arm64")
     _check_context(manifest, settings)
-    pte, ptd = directory / "model.pte", next(iter(sorted(directory.glob("*.ptd"))), None)
+    pte, ptd = pte_files(directory)
     host = ExecuTorchRuntime(pte, ptd)
     prompt = prompt_ids(directory, manifest, settings.prompt_tokens, tokenizer)
     chunk = max(1, getattr(host, "max_seq_len", host.max_context) - 1)
@@ -412,6 +396,8 @@ def run_bench(
     on_step: Any = None,
     tokenizer: Path | None = None,
 ) -> list[BenchResult]:
+    from mlexport.validate.runtimes import target_runtimes
+
     kind, serial = parse_device(device)
     if kind == "macos" and sys.platform != "darwin":
         raise MlexportError("--device macos needs a Mac: Core ML's runtime exists only there (use host or qemu-arm64)")
@@ -419,7 +405,7 @@ def run_bench(
         from mlexport.validate.arm64 import ready
 
         for artifact in artifacts:  # a wrong artifact is the user's first fix, whether or not the runner is built
-            _require_pte(artifact)
+            _runs_on(artifact, "qemu-arm64")
         if ready() is None:  # before any host work, not after the first artifact's reference run
             raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
     results = []
@@ -434,13 +420,10 @@ def run_bench(
             cpu = qemu_cpu or DEFAULT_CPU
             steps = [("arm64 numerics", lambda a=artifact, c=cpu: bench_qemu(a, settings, c, tokenizer))]
         else:
-            if target == "coreml" and kind == "host":
-                raise MlexportError(
-                    f"{directory.name} is Core ML: its runtime runs on macOS only (use --device macos on a Mac)"
-                )
+            _runs_on(artifact, kind)
             names, notes = available_runtimes(target, directory, bool(manifest.get("peer")))
             if runtime:
-                if runtime not in RUNTIMES.get(target, []):
+                if runtime not in target_runtimes(target):
                     raise MlexportError(f"--runtime {runtime} does not run {target} artifacts ({directory.name})")
                 if runtime not in names:
                     raise MlexportError(f"--runtime {runtime} is not available here: {'; '.join(notes)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from mlexport.exporters import profiles
 
 from mlexport.artifacts import read_manifest
 from mlexport.errors import MlexportError
@@ -39,6 +40,14 @@ class ArtifactRuntime(Protocol):
     bos_id: int | None
 
     def forward(self, tokens: list[int], start: int) -> np.ndarray: ...
+
+
+def pte_files(directory: Path) -> tuple[Path, Path | None]:
+    """An ExecuTorch artifact's program and its weight file, if it has one."""
+    pte = directory / "model.pte"
+    if not pte.is_file():
+        raise MlexportError(f"{directory} has no model.pte; re-export it")
+    return pte, next(iter(sorted(directory.glob("*.ptd"))), None)
 
 
 class ExecuTorchRuntime:
@@ -70,6 +79,21 @@ class ExecuTorchRuntime:
         self.bos_id = const("get_bos_id", None)
         self.eos_ids = [int(e) for e in const("get_eos_ids", [])]
 
+    @classmethod
+    def open(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> ExecuTorchRuntime:
+        """The artifact's ``model.pte`` with its ``.ptd`` (threads: set once per process, by ``prepare_process``)."""
+        return cls(*pte_files(directory))
+
+    @staticmethod
+    def prepare_process(threads: int | None) -> None:
+        """Load the kernels before a baseline RSS is taken, and size the threadpool the runtime shares."""
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+        import executorch.kernels.quantized  # noqa: F401
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        if threads:
+            _unsafe_reset_threadpool(threads)
+
     def forward(self, tokens: list[int], start: int) -> np.ndarray:
         torch = self._torch
         if start + len(tokens) > self.max_context:
@@ -99,6 +123,15 @@ class OnnxRuntime:
         self._outputs = ["logits"] + [i.name.replace("past_key_values.", "present.") for i in self._past]
         self._cache: list[np.ndarray] = []
         self._length = 0
+
+    @classmethod
+    def open(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> OnnxRuntime:
+        return cls(directory, manifest, threads=threads)
+
+    @staticmethod
+    def prepare_process(threads: int | None) -> None:
+        """Load onnxruntime before a baseline RSS is taken (threads are a session option, set by ``open``)."""
+        import onnxruntime  # noqa: F401
 
     def forward(self, tokens: list[int], start: int) -> np.ndarray:
         if start + len(tokens) > self.max_context:
@@ -150,6 +183,15 @@ class CoreMLRuntime:
             self._model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_AND_NE)
             self._state = self._model.make_state()
 
+    @classmethod
+    def open(cls, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> CoreMLRuntime:
+        """Core ML picks its own threads: ``threads`` does not apply."""
+        return cls(directory, manifest)
+
+    @staticmethod
+    def prepare_process(threads: int | None) -> None:
+        """Nothing to load ahead: coremltools is imported when the package opens."""
+
     def forward(self, tokens: list[int], start: int) -> np.ndarray:
         from mlexport.exporters.coreml import causal_mask
 
@@ -167,18 +209,26 @@ class CoreMLRuntime:
         return np.asarray(logits, np.float32).reshape(-1, self.vocab_size)
 
 
+# The runtimes behind ``TargetProfile.runtimes``, by name; onnxruntime-genai has its own loop (validate/bench.py).
+RUNTIMES: dict[str, type[ExecuTorchRuntime] | type[OnnxRuntime] | type[CoreMLRuntime]] = {
+    "executorch": ExecuTorchRuntime,
+    "onnxruntime": OnnxRuntime,
+    "coreml": CoreMLRuntime,
+}
+
+
+def target_runtimes(target: str | None) -> tuple[str, ...]:
+    """The runtimes that execute ``target``'s artifacts, as its profile lists them (none for an unknown target)."""
+    profile = profiles().get(target or "")
+    return profile.runtimes if profile else ()
+
+
 def open_runtime(artifact: Path) -> tuple[ArtifactRuntime, Path, dict[str, Any]]:
-    """Open an artifact directory (or a file inside one) with the runtime its target needs."""
+    """Open an artifact directory (or a file inside one) with the first runtime its target's profile names."""
     directory, manifest = read_manifest(artifact)
-    target = manifest.get("target")
-    if target == "executorch":
-        pte = directory / "model.pte"
-        ptd = next(iter(sorted(directory.glob("*.ptd"))), None)
-        if not pte.is_file():
-            raise MlexportError(f"{directory} has no model.pte; re-export it")
-        return ExecuTorchRuntime(pte, ptd), directory, manifest
-    if target == "onnx":
-        return OnnxRuntime(directory, manifest), directory, manifest
-    if target == "coreml":
-        return CoreMLRuntime(directory, manifest), directory, manifest
-    raise MlexportError(f"{directory}: target {target!r} has no runtime in this version of mlexport")
+    names = [n for n in target_runtimes(manifest.get("target")) if n in RUNTIMES]
+    if not names:
+        raise MlexportError(
+            f"{directory}: target {manifest.get('target')!r} has no runtime in this version of mlexport"
+        )
+    return RUNTIMES[names[0]].open(directory, manifest), directory, manifest
