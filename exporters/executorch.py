@@ -85,7 +85,11 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
         from torchao.utils import unwrap_tensor_subclass
 
         unwrap_tensor_subclass(model)
-        program = export(model, (tokens, input_pos), dynamic_shapes=dynamic, strict=False)
+        model.last_logits_only = True  # runners read the last position; validate decodes the others
+        try:
+            program = export(model, (tokens, input_pos), dynamic_shapes=dynamic, strict=False)
+        finally:
+            model.last_logits_only = False
         if share_tied:
             for node in program.graph.nodes:
                 if node.op == "placeholder" and _tied_tag(node):
@@ -129,7 +133,7 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
         if share_tied:
             et_program.write_tensor_data_to_file(str(out_dir))
     report = delegation_report(et_program.exported_program().graph)
-    return {**report, "block_offset_linears": offset_linears, "blob_sources": blob_sources}
+    return {**report, "logits": "last position", "block_offset_linears": offset_linears, "blob_sources": blob_sources}
 
 
 class OffsetLinear(nn.Linear):

@@ -304,6 +304,9 @@ class Decoder(nn.Module):
         )
         # Set by quantize.rotation when the plan stores the tied table rotated (ExecuTorch's int8 head).
         self.tie_rotation: HadamardRotation | None = None
+        # The head over the last position only: what generation reads, without the head's work and a
+        # [tokens, vocab] logits buffer for every other position of a prefill.
+        self.last_logits_only = False
         self.register_buffer("rope_rot_t", rotate_half_matrix(spec.head_dim).T.contiguous(), persistent=False)
 
     def reset_cache(self) -> None:
@@ -356,6 +359,8 @@ class Decoder(nn.Module):
             cos, sin = ropes[attn.local_rope]
             mask = masks.get(attn.window) if attn.window else None
             h = block(h, cos, sin, self.rope_rot_t, cache, start, self.backend, mask)
+        if self.last_logits_only:
+            h = h[:, -1:, :]
         return cast(self.lm_head(self.head_input(h)), torch.float32)
 
     def run_block(self, block: Block, h: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ def test_genai_uses_the_same_protocol(artifacts: dict[str, Path]) -> None:
     assert result.settings == bench_host(artifacts["onnx4"], "onnxruntime", QUICK).settings
 
 
+@pytest.mark.slow
 def test_a_rivals_pte_runs_under_the_same_protocol(artifacts: dict[str, Path], tmp_path: Path) -> None:
     """A directory with a model.pte and no manifest (how a peer's export looks) is timed the same way."""
     peer = tmp_path / "peer"
@@ -67,6 +68,7 @@ def test_a_rivals_pte_runs_under_the_same_protocol(artifacts: dict[str, Path], t
         run_bench([tmp_path], "host", QUICK)
 
 
+@pytest.mark.slow
 def test_cli_table_json_and_plot(artifacts: dict[str, Path], tmp_path: Path) -> None:
     args = ["bench", str(artifacts["et4"]), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1"]
     shown = CliRunner().invoke(app, [*args, "--plot", str(tmp_path / "b.svg")])
@@ -189,7 +191,8 @@ def test_qemu_arm64_logits_match_the_host(artifacts: dict[str, Path]) -> None:
     _qemu_toolchain()
     (result,) = run_bench([artifacts["et4"]], "qemu-arm64", BenchSettings(prompt_tokens=12, gen_tokens=6))
     n = result.numerics
-    assert result.emulated and n["calls"] == 6 and n["rows"] == 12 + 5
+    # one prefill and five decode steps, each returning the last position (what runners read)
+    assert result.emulated and n["calls"] == 6 and n["rows"] == 6
     assert n["same_argmax"] == 1.0
     assert n["max_abs_diff"] <= 1e-5 * max(1.0, n["max_abs_logit"])  # float rounding, not a kernel bug
 

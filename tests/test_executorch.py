@@ -13,6 +13,7 @@ import torch
 from mlexport.quantize import plan_quantization
 from mlexport.quantize.calibrate import TEXT_CALIBRATION
 from mlexport.quantize.torchao_map import apply_plan, is_quantized
+from mlexport.validate.drift import every_position_logits
 from mlexport.validate.runtimes import open_runtime
 from tiny import VOCAB, llama_config, random_state_dict, save_hf_dir
 
@@ -65,9 +66,7 @@ def _eager_reference(model_dir: Path) -> np.ndarray:
 def _pte_logits(artifact: Path) -> np.ndarray:
     """Prefill 9 tokens, then decode the rest one by one: both the prefill and the KV-cache paths."""
     runtime, _, _ = open_runtime(artifact)
-    pre = runtime.forward(TOKENS[:9], 0)
-    steps = [runtime.forward([t], 9 + i) for i, t in enumerate(TOKENS[9:])]
-    return np.concatenate([pre, *steps])
+    return every_position_logits(runtime.forward, TOKENS, 9)
 
 
 @pytest.mark.parametrize("which", ["tiny", "ls"])
@@ -77,8 +76,12 @@ def test_fp32_pte_matches_eager(which: str, tiny_dir: Path, ls_dir: Path, tmp_pa
     artifact = _export(model_dir, tmp_path / "fp32", "fp32")
     diff = np.abs(_pte_logits(artifact) - _eager_reference(model_dir)).max()
     assert diff <= 1e-3, diff
+    # A prefill returns what runners read, the last position: no head work or logits buffer for the others.
+    runtime, _, manifest = open_runtime(artifact)
+    assert runtime.forward(TOKENS[:9], 0).shape[0] == 1 and manifest["delegation"]["logits"] == "last position"
 
 
+@pytest.mark.slow
 def test_fp16_pte_tracks_eager(tiny_dir: Path, tmp_path: Path) -> None:
     artifact = _export(tiny_dir, tmp_path / "fp16", "fp16")
     diff = np.abs(_pte_logits(artifact) - _eager_reference(tiny_dir)).max()
@@ -184,6 +187,7 @@ def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -
     assert 0 < stats.generated_tokens <= 6 and stats.prefill_tok_s > 0
 
 
+@pytest.mark.slow
 def test_dup4_duplication_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
     """dup4 stores the tie twice: the manifest, a warning and inspect's blob map all say so."""
     import json
@@ -202,6 +206,7 @@ def test_dup4_duplication_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
     assert manifest["storage"]["duplicated_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path: Path) -> None:
     """A Q4_1 GGUF's body on XNNPACK, which has no zero points: each Linear runs its GGUF 4-bit blocks as 8da4w plus
     a 32x smaller 8da8w Linear over block sums whose weight is the blocks' offsets at int8 (OffsetLinear). No
@@ -289,6 +294,7 @@ def test_direct_shape_kernels_agree_with_the_ops_they_stand_in_for(
     assert torch.equal(run(x, w)[3], reference[3])
 
 
+@pytest.mark.slow
 def test_direct_shape_kernels_leave_the_pte_byte_identical(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,6 +309,7 @@ def test_direct_shape_kernels_leave_the_pte_byte_identical(
         assert (with_kernels / name).read_bytes() == (without / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_decomposing_once_leaves_the_pte_byte_identical(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +330,7 @@ def test_decomposing_once_leaves_the_pte_byte_identical(
         assert (once / name).read_bytes() == (twice / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_lowering_reports_a_count_toward_a_total(tiny_dir: Path, tmp_path: Path) -> None:
     """The long step's bar moves: lowering and serialization report graph nodes traced out of an estimate."""
     from mlexport.cli import parse_progress

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlexport.validate.drift import every_position_logits
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, reference_logits, relative_error, stepped
+from tiny import VOCAB, llama_config, reference_logits, relative_error
 
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
@@ -72,7 +73,7 @@ def test_decoder_matches_transformers_at_every_step(name: str, models: dict) -> 
         with torch.no_grad():
             return model(torch.tensor([tokens]), torch.tensor([start]))[0].numpy()
 
-    assert relative_error(stepped(forward, TOKENS, PREFILL), ref) <= 1e-4
+    assert relative_error(every_position_logits(forward, TOKENS, PREFILL), ref) <= 1e-4
     with torch.no_grad():
         assert relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
 
@@ -83,7 +84,7 @@ def test_fp32_artifacts_match_transformers_at_every_step(name: str, target: str,
     path, ref = models[name]
     opts = ExportOptions(model=str(path), target=target, quant="fp32", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    assert relative_error(stepped(runtime.forward, TOKENS, PREFILL), ref) <= 1e-4
+    assert relative_error(every_position_logits(runtime.forward, TOKENS, PREFILL), ref) <= 1e-4
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_4bit_pte_exports_and_tracks_the_reference(models: dict, tmp_path: Path)
     path, ref = models["gemma3"]
     opts = ExportOptions(model=str(path), target="executorch", quant="4bit", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    logits = torch.from_numpy(stepped(runtime.forward, TOKENS, PREFILL)).log_softmax(-1)
+    logits = torch.from_numpy(every_position_logits(runtime.forward, TOKENS, PREFILL)).log_softmax(-1)
     reference = torch.from_numpy(ref).log_softmax(-1)
     kld = float((reference.exp() * (reference - logits)).sum(-1).mean())
     assert kld <= 0.05, kld  # 0.017 measured; the 8-bit export's is 0.0007

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlexport.validate.drift import every_position_logits
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, reference_logits, relative_error, stepped
+from tiny import VOCAB, llama_config, reference_logits, relative_error
 
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
@@ -77,7 +78,7 @@ def test_decoder_matches_transformers_at_every_step(name: str, models: dict) -> 
         with torch.no_grad():
             return model(torch.tensor([tokens]), torch.tensor([start]))[0].numpy()
 
-    assert relative_error(stepped(forward, TOKENS, PREFILL), ref) <= 1e-4
+    assert relative_error(every_position_logits(forward, TOKENS, PREFILL), ref) <= 1e-4
     with torch.no_grad():
         assert relative_error(model(torch.tensor([TOKENS]))[0].numpy(), ref) <= 1e-4
 
@@ -88,7 +89,7 @@ def test_fp32_artifacts_match_transformers_at_every_step(target: str, name: str,
     path, ref = models[name]
     opts = ExportOptions(model=str(path), target=target, quant="fp32", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    error = relative_error(stepped(runtime.forward, TOKENS, PREFILL), ref)
+    error = relative_error(every_position_logits(runtime.forward, TOKENS, PREFILL), ref)
     # Core ML keeps K/V in fp16 state (coremltools: "as of iOS 18, Core ML state can only be fp16"): rounding each
     # cached entry to fp16 costs ~1.5e-4 of the logits' range here, which bounds its agreement.
     assert error <= (3e-4 if target == "coreml" else 1e-4), error
@@ -102,7 +103,7 @@ def test_4bit_exports_and_runs(target: str, models: dict, tmp_path: Path) -> Non
     artifact stays close to the fp32 reference."""
     opts = ExportOptions(model=str(path), target=target, quant="4bit", out=tmp_path / "a", max_context=CONTEXT)
     runtime, _, _ = open_runtime(run_export(opts)[0])
-    logits = runtime.forward(TOKENS[:PREFILL], 0)
+    logits = every_position_logits(runtime.forward, TOKENS[:PREFILL], PREFILL)
     assert np.isfinite(logits).all() and logits.shape == (PREFILL, VOCAB)
     assert relative_error(logits, ref[:PREFILL]) <= 0.25
 

@@ -120,12 +120,3 @@ def reference_logits(root: Path, configs: dict[str, dict[str, Any]], tokens: lis
 def relative_error(got: Any, ref: Any) -> float:
     """Max-abs difference over the reference logits' range."""
     return float(abs(got - ref).max() / (ref.max() - ref.min()))
-
-
-def stepped(forward: Any, tokens: list[int], prefill: int) -> Any:
-    """``forward(ids, start)`` over ``tokens``: the first ``prefill`` at once, then one at a time through the cache."""
-    import numpy as np
-
-    rows = [forward(tokens[:prefill], 0)]
-    rows += [forward([t], prefill + i) for i, t in enumerate(tokens[prefill:])]
-    return np.concatenate(rows)

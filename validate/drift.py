@@ -71,15 +71,27 @@ def make_windows(token_ids: list[int], window: int, max_tokens: int) -> Windows:
     return Windows(windows)
 
 
+def every_position_logits(forward: Any, tokens: list[int], split: int) -> np.ndarray:
+    """Logits [len(tokens), V] through ``forward(ids, start)``: the first ``split`` tokens as one prefill, the rest
+    decoded one at a time through the cache.
+
+    A runtime whose prefill returns the last position only (ExecuTorch's, as runners read it) decodes the earlier
+    positions one by one first; the prefill then runs again from position 0, so the steps after it read the cache
+    a prefill wrote, as in an app."""
+    first = forward(tokens[:split], 0)
+    rows = [first]
+    if len(first) < split:
+        rows = [forward([t], i) for i, t in enumerate(tokens[: split - 1])]
+        rows.append(forward(tokens[:split], 0))
+    rows += [forward([t], split + i) for i, t in enumerate(tokens[split:])]
+    return np.concatenate(rows)
+
+
 def run_artifact(runtime: Any, windows: Windows, progress: Progress | None = None) -> np.ndarray:
     """Logits [N, V] at every scored position through the artifact's runtime: prefill half, decode half."""
     out = []
     for w in windows.windows:
-        split = max(1, len(w) // 2)
-        rows = [runtime.forward(w[:split], 0)]
-        for i in range(split, len(w) - 1):
-            rows.append(runtime.forward([w[i]], i))
-        out.append(np.concatenate(rows)[: len(w) - 1])
+        out.append(every_position_logits(runtime.forward, w[:-1], max(1, len(w) // 2)))
         if progress:
             progress(len(w) - 1)
     return np.concatenate(out).astype(np.float32)
