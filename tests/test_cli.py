@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_help_shows_bracketed_defaults_verbatim() -> None:
     """Help texts carry "[default: ...]" and "[gates]"; a markup-parsing help renderer silently dropped them."""
@@ -28,6 +30,7 @@ def test_a_bad_flag_is_a_usage_error_not_a_traceback() -> None:
     assert "No such option: --no-such-flag" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_coremltools_progress_bars_stay_out_of_export_output(tmp_path: Path) -> None:
     """coremltools prints a tqdm bar per conversion pass; the CLI shows its own progress instead. tqdm reads
     TQDM_DISABLE only when torch first imports it, which an early import once made too late."""

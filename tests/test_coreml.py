@@ -75,6 +75,7 @@ def _eager(model_dir: Path) -> np.ndarray:
         return build_decoder(loaded.spec, loaded.state_dict, max_context=64)(torch.tensor([TOKENS]))[0].numpy()
 
 
+@pytest.mark.slow
 def test_interpreter_fp32_matches_pytorch_with_state(exported: dict, models: dict[str, Path]) -> None:
     got = _interpreted(exported[("llama", "fp32")])
     # fp32 compute, but K/V live in fp16 state in both: a last-bit difference before the fp16 rounding of a cache
@@ -137,6 +138,7 @@ def test_int8_tie_rows_match_the_eager_reference(exported: dict, models: dict[st
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.slow
 def test_tuned_norm_gains_reach_the_package(models: dict[str, Path], tmp_path: Path, small_tuning: None) -> None:
     """--tune-scales on Core ML: the values reach the package at compression time, but the tuned norm gains must be
     in the model before conversion. LS blocks run twice, so each gain is tuned and stored once for both runs."""
@@ -205,6 +207,7 @@ def test_palettized_package_runs_in_the_interpreter(models: dict[str, Path], tmp
     assert cos.min() > 0.9, cos
 
 
+@pytest.mark.slow
 def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path: Path) -> None:
     """The re-export of a Q4_1 body on Core ML (quantize/block_offsets.py): each block's GGUF 4-bit values
     and fp16 scale as constexpr_blockwise_shift_scale with no offset, and the blocks' offsets (−d·zero) as an int8

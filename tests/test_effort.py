@@ -25,7 +25,14 @@ def _manifest(tiny_dir: Path, out: Path, effort: str, **extra: object) -> dict:
     return json.loads((artifact / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("effort", ["fast", "light", "default", "high", "max"])
+@pytest.mark.parametrize(
+    "effort",
+    [
+        *(pytest.param(e, marks=pytest.mark.slow) for e in ("fast", "light")),
+        "default",
+        *(pytest.param(e, marks=pytest.mark.slow) for e in ("high", "max")),
+    ],
+)
 def test_each_effort_level_runs_and_is_recorded(
     effort: str, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,14 @@ import pytest
 import torch
 from mlexport.validate.drift import every_position_logits
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, reference_logits, relative_error
+from tiny import (
+    VOCAB,
+    genai_follows_onnxruntime,
+    inspect_export_and_bundle,
+    llama_config,
+    reference_logits,
+    relative_error,
+)
 
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
@@ -110,3 +117,13 @@ def test_a_target_without_the_features_refuses_before_quantizing(models: dict, t
 def test_soft_capping_is_refused_by_name() -> None:
     with pytest.raises(MlexportError, match="final_logit_softcapping"):
         spec_from_hf_config(gemma_config(final_logit_softcapping=30.0), "g")
+
+
+@pytest.mark.slow
+def test_inspect_export_and_the_android_bundle(models: dict, tmp_path: Path) -> None:
+    inspect_export_and_bundle(models["gemma3"][0], "gemma3", tmp_path, CONTEXT)
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_runs_the_onnx_export(models: dict, tmp_path: Path) -> None:
+    genai_follows_onnxruntime(models["gemma3"][0], tmp_path, TOKENS[:PREFILL], 12, CONTEXT)

@@ -10,7 +10,14 @@ import pytest
 import torch
 from mlexport.validate.drift import every_position_logits
 from mlexport.validate.runtimes import open_runtime
-from tiny import VOCAB, llama_config, reference_logits, relative_error
+from tiny import (
+    VOCAB,
+    genai_follows_onnxruntime,
+    inspect_export_and_bundle,
+    llama_config,
+    reference_logits,
+    relative_error,
+)
 
 from mlexport.errors import MlexportError
 from mlexport.model import build_decoder
@@ -129,3 +136,13 @@ def test_context_past_temperature_tuning_is_refused_naming_the_fix() -> None:
     assert spec.causal_limit == 99
     with pytest.raises(MlexportError, match=r"temperature tuning .*--max-context 99"):
         build_decoder(spec, {}, max_context=128)
+
+
+@pytest.mark.slow
+def test_inspect_export_and_the_android_bundle(models: dict, tmp_path: Path) -> None:
+    inspect_export_and_bundle(models["r1"][0], "llama4", tmp_path, CONTEXT)
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_runs_the_onnx_export(models: dict, tmp_path: Path) -> None:
+    genai_follows_onnxruntime(models["r1"][0], tmp_path, TOKENS[:PREFILL], 12, CONTEXT)

@@ -271,6 +271,7 @@ def test_quantize_sweep_scores_every_preset(tiny: Path) -> None:
     assert rows["4bit gptq block 64"]["bits_per_weight"] < rows["4bit gptq asym"]["bits_per_weight"]
 
 
+@pytest.mark.slow
 def test_quantize_sweep_scores_a_held_out_text_under_llama_cpp_protocol(tiny: Path, tmp_path: Path) -> None:
     from mlexport.validate.sweep import sweep
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from mlexport.quantize.accounting import logical_tensor, map_blobs
 from tiny import llama_config, random_state_dict, save_hf_dir
@@ -91,6 +92,7 @@ def test_per_layer_width_plan(tmp_path: Path) -> None:
     assert plan.unique_params == loaded.spec.param_count(unique=True)
 
 
+@pytest.mark.slow
 def test_ls_artifact_stores_blocks_once(tmp_path: Path) -> None:
     """XNNPACK's SHA-256 named data: an LS model (each block run twice) weighs what its stored blocks weigh."""
     big = dict(hidden_size=256, intermediate_size=1024, head_dim=64)

@@ -107,6 +107,7 @@ def test_tuning_lowers_the_kl_and_changes_only_the_scales_and_norm_gains(tiny: P
     assert set(scales_only) == set(gptq_values) | {table}
 
 
+@pytest.mark.slow
 def test_max_effort_plans_are_tuned_and_validate_finds_the_same_values(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_tuning: None
 ) -> None:

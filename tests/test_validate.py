@@ -174,6 +174,7 @@ def test_validate_reports_and_gates(artifacts: tuple[Path, Path, Path], tmp_path
     assert abs(report2["artifacts"][0]["delta"]["kld_mean"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_score_from_scores_only_late_positions(artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """llama.cpp's protocol scores each chunk's second half; --score-from reproduces it."""
     model, good, _ = artifacts

@@ -120,3 +120,62 @@ def reference_logits(root: Path, configs: dict[str, dict[str, Any]], tokens: lis
 def relative_error(got: Any, ref: Any) -> float:
     """Max-abs difference over the reference logits' range."""
     return float(abs(got - ref).max() / (ref.max() - ref.min()))
+
+
+def inspect_export_and_bundle(model_dir: Path, arch: str, out: Path, max_context: int) -> dict[str, Any]:
+    """What a new architecture must get through beyond its logits: ``inspect`` on the checkpoint and on the
+    artifact, an 8-bit ``.pte`` export, and the Android demo app's bundle step. Returns the bundle contract."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from mlexport.bundle import bundle
+    from mlexport.cli import app
+    from mlexport.pipeline import ExportOptions, run_export
+
+    def inspected(target: Path) -> dict[str, Any]:
+        shown = CliRunner().invoke(app, ["inspect", str(target), "--json"])
+        assert shown.exit_code == 0, shown.output
+        return json.loads(shown.stdout[shown.stdout.index("{") :])
+
+    info = inspected(model_dir)
+    assert info["kind"] == "model" and info["spec"]["arch"] == arch and info["params_unique"] > 0
+    options = ExportOptions(
+        model=str(model_dir), target="executorch", quant="8bit", out=out / "a", max_context=max_context
+    )
+    artifact = run_export(options)[0]
+    shown = inspected(artifact)
+    assert shown["kind"] == "artifact" and shown["target"] == "executorch" and shown["quant"] == "8bit"
+    android = out / "android"
+    shutil.copytree(Path(__file__).parents[1] / "targets" / "android", android, ignore=shutil.ignore_patterns("assets"))
+    contract = bundle("android", android, artifact)
+    assert {"model.pte", "tokenizer.json"} <= {f["path"] for f in contract["files"]}
+    return contract
+
+
+def genai_follows_onnxruntime(model_dir: Path, out: Path, prompt: list[int], new_tokens: int, max_context: int) -> None:
+    """onnxruntime-genai runs the fp32 ONNX export as its own model (genai_config.json): its greedy tokens are the
+    ones our onnxruntime adapter picks from the same graph."""
+    import numpy as np
+    import onnxruntime_genai as og
+    from mlexport.validate.runtimes import open_runtime
+
+    from mlexport.pipeline import ExportOptions, run_export
+
+    options = ExportOptions(model=str(model_dir), target="onnx", quant="fp32", out=out / "a", max_context=max_context)
+    artifact = run_export(options)[0]
+    model = og.Model(og.Config(str(artifact)))
+    params = og.GeneratorParams(model)
+    total = len(prompt) + new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+    runtime, _, _ = open_runtime(artifact)
+    ours, logits = [], runtime.forward(prompt, 0)[-1]
+    for i in range(new_tokens):
+        ours.append(int(np.argmax(logits)))
+        logits = runtime.forward([ours[-1]], len(prompt) + i)[-1]
+    assert theirs == ours
