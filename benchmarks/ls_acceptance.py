@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps checked against the no-cache forward")
     args = parser.parse_args()
 
-    from mlexport.validate.drift import quantized_reference
+    from mlexport.validate.drift import every_position_logits, quantized_reference
     from mlexport.validate.runtimes import open_runtime
 
     from mlexport.pipeline import ExportOptions, run_export
@@ -89,9 +89,7 @@ def main() -> None:
         with torch.no_grad():
             want = reference(torch.tensor([tokens]))[0].float().numpy()
         runtime, _, _ = open_runtime(out)
-        got = [runtime.forward(tokens[:16], 0)]
-        got += [runtime.forward([t], 16 + i) for i, t in enumerate(tokens[16:])]
-        got = np.concatenate(got)
+        got = every_position_logits(runtime.forward, tokens, 16)
         checks[name] = {
             "max_rel": float((np.abs(got - want).max(-1) / np.abs(want).max(-1)).max()),
             "min_cos": float(
