@@ -562,4 +562,6 @@ PROFILE = TargetProfile(
     runtimes=("coreml",),
     # Core ML's runtime exists only on macOS (`run` and `validate` fall back to the MIL interpreter elsewhere).
     bench_devices=("macos",),
+    # Core ML state is fp16 only.
+    kv_cache_bytes=lambda _quant: 2,
 )

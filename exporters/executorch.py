@@ -607,4 +607,6 @@ PROFILE = TargetProfile(
     runtimes=("executorch",),
     # The same .pte runs under llama_main on a phone and under the arm64 runner in qemu.
     bench_devices=("host", "macos", "adb", "qemu-arm64"),
+    # The cache is a buffer of the decoder, which an fp16 export casts with the rest.
+    kv_cache_bytes=lambda quant: 2 if quant == "fp16" else 4,
 )

@@ -72,6 +72,8 @@ class TargetProfile:
     # itself), the one `run` and `validate` use first; and the `bench --device` kinds that run them.
     runtimes: tuple[str, ...] = ()
     bench_devices: tuple[str, ...] = ("host",)
+    # Bytes per cached K or V element, given the --quant preset (what a decode step reads from the cache).
+    kv_cache_bytes: Callable[[str], int] = lambda _quant: 4
 
     @property
     def stores_block_offsets(self) -> bool:

@@ -398,20 +398,37 @@ def bench(
     tokenizer: Path | None = typer.Option(
         None, "--tokenizer", help="directory with tokenizer.json, for a rival's artifact that has none"
     ),
+    long: bool = typer.Option(
+        False, "--long", help="then the long-context protocol too: an 850-token prompt, then 128 new tokens"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON results instead of the table"),
     plot: Path | None = typer.Option(None, "--plot", help="write an SVG bar chart of prefill/decode tok/s"),
 ) -> None:
-    """Time artifacts under one protocol: load, time to first token, prefill and decode tok/s, peak RSS.
+    """Time artifacts under one protocol: load, time to first token, prefill and decode tok/s, peak RSS, and on
+    this machine decode's bytes per second against its measured memory bandwidth.
 
     Each artifact and runtime runs in its own process. ONNX artifacts are timed with onnxruntime and, when
     installed, onnxruntime-genai. A rival's model.pte or onnxruntime-genai directory runs under the same protocol.
     On qemu-arm64 the logits of emulated arm64 are compared with the host's."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from mlexport.validate.bench import BenchSettings, render_numerics, render_table, run_bench, write_plot
+    from mlexport.validate.bench import (
+        LONG_GEN,
+        LONG_PROMPT,
+        BenchSettings,
+        check_settings,
+        render_numerics,
+        render_table,
+        run_bench,
+        write_plot,
+    )
 
     _quiet_libraries()
-    settings = BenchSettings(prompt_tokens, gen_tokens, threads, repeat, warmup)
+    protocols = [BenchSettings(prompt_tokens, gen_tokens, threads, repeat, warmup)]
+    if long:
+        protocols.append(BenchSettings(LONG_PROMPT, LONG_GEN, threads, repeat, warmup))
+    for s in protocols:
+        check_settings(artifacts, s)
     notes: list[str] = []
 
     def step(text: str) -> None:
@@ -424,14 +441,19 @@ def bench(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
     ) as bar:
         task = bar.add_task("starting", total=None)
-        results = run_bench(artifacts, device, settings, runtime, runner, qemu_cpu, on_step=step, tokenizer=tokenizer)
+        runs = [
+            run_bench(artifacts, device, s, runtime, runner, qemu_cpu, on_step=step, tokenizer=tokenizer)
+            for s in protocols
+        ]
+    results = [r for run in runs for r in run]
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
     wide = out if out.is_terminal else Console(width=max(out.width, 120))  # CI logs: do not squeeze to 80
-    timed = [r for r in results if not r.emulated]
-    if timed:
-        wide.print(render_table(timed))
+    for run in runs:
+        timed = [r for r in run if not r.emulated]
+        if timed:
+            wide.print(render_table(timed))
     emulated = [r for r in results if r.emulated]
     if emulated:
         wide.print(render_numerics(emulated))

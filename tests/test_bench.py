@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 from mlexport.validate import adb, arm64
-from mlexport.validate.bench import BenchSettings, bench_host, parse_device, run_bench
+from mlexport.validate.bench import (
+    BenchSettings,
+    artifact_size_mb,
+    bench_host,
+    bench_manifest,
+    decode_bytes_per_token,
+    parse_device,
+    run_bench,
+)
 from tiny import llama_config, save_hf_dir
 from typer.testing import CliRunner
 
@@ -44,6 +52,29 @@ def test_host_protocol_on_executorch_and_onnx(artifacts: dict[str, Path]) -> Non
             assert 0 < summary[metric]["min"] <= summary[metric]["median"] <= summary[metric]["p90"]
         assert r.peak_rss_mb > r.baseline_rss_mb > 0  # measured in the artifact's own process
         assert r.size_mb > 0
+        # the roofline: weights plus the cache at the mean decode position, at the measured tok/s
+        line = r.roofline
+        assert line["bandwidth_gb_s"] > 0 and line["fraction"] > 0
+        assert line["achieved_gb_s"] == pytest.approx(line["bytes_per_token"] * summary["decode_tok_s"]["median"] / 1e9)
+
+
+def test_decode_reads_the_weights_and_the_cache_up_to_the_position(artifacts: dict[str, Path]) -> None:
+    _, manifest = bench_manifest(artifacts["et4"])
+    spec = manifest["model"]["spec"]
+    per_position = sum(2 * spec["n_kv_heads"][b] * spec["head_dim"] * 4 for b in spec["layer_map"])  # fp32 cache
+    at_10, at_20 = (decode_bytes_per_token(manifest, p) for p in (10, 20))
+    assert at_20["kv_bytes"] == 2 * at_10["kv_bytes"] == 20 * per_position
+    assert 0 < at_10["weight_bytes"] <= artifact_size_mb(manifest) * 1e6
+    assert decode_bytes_per_token({**manifest, "peer": True}, 10) is None  # a rival's: no spec to count from
+
+
+def test_long_protocol_needs_the_context(artifacts: dict[str, Path]) -> None:
+    """The long protocol is refused before the short one spends its time."""
+    args = ["bench", str(artifacts["et4"]), "--long", "--prompt-tokens", "8", "--gen-tokens", "4"]
+    shown = CliRunner().invoke(app, args)
+    assert isinstance(shown.exception, MlexportError) and "= 978 exceeds the artifact's context of 64" in str(
+        shown.exception
+    )
 
 
 def test_genai_uses_the_same_protocol(artifacts: dict[str, Path]) -> None:

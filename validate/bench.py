@@ -30,6 +30,8 @@ from mlexport.errors import MlexportError
 
 DEVICES = ("host", "adb", "qemu-arm64", "macos")
 METRICS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s")
+# The long-context protocol: a chat's system prompt and history, then a reply; it fits a 1,024-token context.
+LONG_PROMPT, LONG_GEN = 850, 128
 WORKER_TAG = "MLEXPORT-BENCH "
 
 
@@ -57,6 +59,7 @@ class BenchResult:
     emulated: bool = False
     numerics: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    roofline: dict[str, float] | None = None  # decode against this machine's memory bandwidth (``decode_roofline``)
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -118,6 +121,12 @@ def prompt_ids(directory: Path, manifest: dict[str, Any], count: int, tokenizer:
     if len(ids) < count:
         raise MlexportError(f"--prompt-tokens {count} is more than the built-in corpus holds ({len(ids)})")
     return ids[:count]
+
+
+def check_settings(artifacts: list[Path], settings: BenchSettings) -> None:
+    """Refuse a protocol an artifact cannot hold before any timing starts."""
+    for artifact in artifacts:
+        _check_context(bench_manifest(artifact)[1], settings)
 
 
 def _check_context(manifest: dict[str, Any], settings: BenchSettings) -> None:
@@ -254,6 +263,66 @@ def _worker_main() -> None:
 
 
 # ---------------------------------------------------------------- the devices
+
+
+def memory_bandwidth_gb_s(megabytes: int = 256, repeat: int = 5) -> float:
+    """What this machine copies per second (bytes read plus written), one copy thread per core: the limit a
+    decoder that reads every weight once per token runs against."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, os.cpu_count() or 1)
+    src = np.ones(megabytes * 1_000_000 // 8)
+    dst = np.empty_like(src)
+    parts = list(zip(np.array_split(src, threads), np.array_split(dst, threads), strict=True))
+    best = math.inf
+    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL while it copies
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            list(pool.map(lambda p: np.copyto(p[1], p[0]), parts))
+            best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def decode_bytes_per_token(manifest: dict[str, Any], position: float) -> dict[str, float] | None:
+    """Bytes a decode step reads at ``position``: every stored weight but a lookup-only table (the duplicated tie,
+    or an untied embedding, of which a step reads one row), plus each layer's cached K and V up to the position
+    (or its sliding window). None for an artifact without our manifest (a rival's)."""
+    from mlexport.exporters import profiles
+    from mlexport.quantize import TensorQuant
+    from mlexport.quantize.accounting import planned_tensor_bytes
+
+    spec = manifest.get("model", {}).get("spec") or {}
+    profile = profiles().get(manifest.get("target", ""))
+    if not spec.get("layer_map") or profile is None or manifest.get("peer"):
+        return None
+    weights = artifact_size_mb(manifest) * 1e6
+    tie = manifest.get("sharing", {}).get("tie", {})
+    if spec.get("tie_embeddings", True):
+        weights -= tie.get("duplicated_bytes") or 0
+    else:
+        entry = manifest.get("quant_plan", {}).get("tensors", {}).get("embed_tokens.weight")
+        if entry:
+            shape = (spec["vocab_size"], spec["dim"])
+            weights -= planned_tensor_bytes(shape, TensorQuant(**entry), profile.scale_bytes)
+    element = profile.kv_cache_bytes(manifest.get("quant", ""))
+    window, sliding = spec.get("sliding_window"), spec.get("sliding_blocks") or []
+    kv = 0.0
+    for block in spec["layer_map"]:
+        seen = min(position, window) if window and block < len(sliding) and sliding[block] else position
+        kv += 2 * spec["n_kv_heads"][block] * spec["head_dim"] * element * seen
+    return {"weight_bytes": weights, "kv_bytes": kv, "bytes_per_token": weights + kv}
+
+
+def decode_roofline(result: BenchResult, manifest: dict[str, Any], bandwidth_gb_s: float) -> dict[str, float] | None:
+    """The decode rate as bandwidth: bytes per token (at the mean decode position) times tokens per second, and
+    its share of what this machine copies per second."""
+    decode = result.summary().get("decode_tok_s", {}).get("median")
+    s = result.settings
+    read = decode_bytes_per_token(manifest, s["prompt_tokens"] + s["gen_tokens"] / 2)
+    if not decode or read is None:
+        return None
+    achieved = read["bytes_per_token"] * decode / 1e9
+    return {**read, "achieved_gb_s": achieved, "bandwidth_gb_s": bandwidth_gb_s, "fraction": achieved / bandwidth_gb_s}
 
 
 def bench_host(
@@ -409,6 +478,7 @@ def run_bench(
         if ready() is None:  # before any host work, not after the first artifact's reference run
             raise MlexportError("the arm64 runner is not built: run `mlexport setup qemu-arm64` first")
     results = []
+    bandwidth: float | None = None  # measured once, after the first artifact's timing, on the same quiet machine
     for artifact in artifacts:
         directory, manifest = bench_manifest(artifact)
         target = manifest.get("target", "?")
@@ -436,6 +506,10 @@ def run_bench(
             if on_step:
                 on_step(f"{directory.name}: {name}")
             results.append(step())
+            if kind in ("host", "macos"):
+                if bandwidth is None:
+                    bandwidth = memory_bandwidth_gb_s()
+                results[-1].roofline = decode_roofline(results[-1], manifest, bandwidth)
     return results
 
 
@@ -463,6 +537,12 @@ def render_table(results: list[BenchResult]) -> Any:
         f"{settings['prompt_tokens']} prompt tokens, {settings['gen_tokens']} generated, median of "
         f"{settings['repeat']} rounds after {settings['warmup']} warm-up; below: min/p90, and RSS over the bare process"
     )
+    lines = [r.roofline for r in results if r.roofline]
+    if lines:
+        title += (
+            f"; decode GB/s: bytes read per token (weights + KV cache at the mean position) x tok/s, below as a share"
+            f" of the {lines[0]['bandwidth_gb_s']:.1f} GB/s this machine copies"
+        )
     devices = {r.device for r in results}
     one_device = len(devices) == 1
     if one_device:
@@ -473,6 +553,9 @@ def render_table(results: list[BenchResult]) -> Any:
         left = column in ("artifact", "runtime", "device")
         table.add_column(column, justify="left" if left else "right", no_wrap=left)
     table.add_column("peak RSS MB", justify="right")  # below: over the process before the artifact loaded
+    roofline = any(r.roofline for r in results)
+    if roofline:  # below: the share of the measured memory bandwidth
+        table.add_column("decode GB/s", justify="right")
     if len(results) > 1:
         table.add_column("decode ×", justify="right")
     first = results[0].summary().get("decode_tok_s", {}).get("median")
@@ -491,6 +574,9 @@ def render_table(results: list[BenchResult]) -> Any:
         if r.baseline_rss_mb:
             rss += f"\n[dim]+{_fmt(r.peak_rss_mb - r.baseline_rss_mb)}[/]"
         row.append(rss)
+        if roofline:
+            line = r.roofline
+            row.append(f"{_fmt(line['achieved_gb_s'])}\n[dim]{100 * line['fraction']:.0f}%[/]" if line else "-")
         if len(results) > 1:
             decode = s.get("decode_tok_s", {}).get("median")
             row.append(f"{decode / first:.2f}" if decode and first else "-")
