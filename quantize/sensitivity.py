@@ -34,6 +34,7 @@ def tensor_sensitivity(
         inputs.append(h)
         h = model.run_block(model.layers[b], h)
     ref = F.log_softmax(model.lm_head(model.head_input(h)).float(), dim=-1)
+    p_ref = ref.exp()
     first_run = {}
     for i, b in enumerate(model.layer_map):
         first_run.setdefault(b, i)
@@ -68,9 +69,12 @@ def tensor_sensitivity(
             runs += 1
         for layer in model.layer_map[start + runs :]:
             x = model.run_block(model.layers[layer], x)
-        test = F.log_softmax(model.lm_head(model.head_input(x)).float(), dim=-1)
-        kld = (ref.exp() * (ref - test)).sum(-1).mean(-1)
-        for name, value in zip(names, kld.tolist(), strict=True):
+        logits = model.lm_head(model.head_input(x)).float()
+        # one candidate's log-softmax at a time: the temporaries of all of them at once were most of the export's
+        # peak memory, and each row's values are the same either way
+        kld = [(p_ref * (ref - F.log_softmax(one, dim=-1))).sum(-1).mean(-1).item() for one in logits]
+        del logits
+        for name, value in zip(names, kld, strict=True):
             result[name] = value
         if progress:
             progress(len(result), len(candidates))
