@@ -1,6 +1,8 @@
-"""Artifact runtimes behind one interface: ``forward(tokens, start) -> logits [T, vocab]`` with a KV cache.
+"""Artifact runtimes behind one interface: ``forward(tokens, start) -> logits [T, vocab]`` with a KV cache, or
+``[1, vocab]`` where the artifact returns the last position only (ExecuTorch's, as runners read it).
 
-``mlexport run`` and the validation stage both go through this, so what we validate is what users run.
+``mlexport run`` and the validation stage both go through this, so what we validate is what users run
+(``validate.drift.every_position_logits`` recovers every position from either kind).
 """
 
 from __future__ import annotations
