@@ -40,12 +40,16 @@ PACKAGE_NAME = "model.mlpackage"
 MIN_TARGET = "iOS18"
 
 
-def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm that cannot overflow in fp16: scale by the row's max first (x / m has mean square <= 1)."""
+def _norm(norm: RMSNorm, x: torch.Tensor, scale: float = 1.0, out_scale: float = 1.0) -> torch.Tensor:
+    """RMSNorm that cannot overflow in fp16: scale by the row's max first (x / m has mean square <= 1). ``scale``:
+    x is the true input times this (a scaled residual stream), so eps scales by its square to give the same result;
+    ``out_scale`` multiplies the gains (one constant), so a large gain never meets fp16 unscaled."""
     m = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
     xs = x / m
     # eps / m² written as (√eps / m)²: m² itself overflows fp16 once |x| > 256
-    return norm.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + (math.sqrt(norm.eps) / m) ** 2))
+    root_eps = math.sqrt(norm.eps) * scale
+    weight = norm.weight if out_scale == 1.0 else norm.weight * out_scale
+    return weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + (root_eps / m) ** 2))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,9 +65,18 @@ class StatefulDecoder(nn.Module):
     [1, kv_heads, max_context, head_dim] that Core ML turns into model state.
     """
 
-    def __init__(self, model: Decoder, int8_rows: int = 0, offsets: dict[str, QuantizedWeight] | None = None) -> None:
+    def __init__(
+        self,
+        model: Decoder,
+        int8_rows: int = 0,
+        offsets: dict[str, QuantizedWeight] | None = None,
+        split_cache: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
+        # Core ML state is fp16 only; an fp32 program keeps each K/V entry as an fp16 pair (value and rounding
+        # remainder, ~22 bits) so that its numerics stay fp32's.
+        self.split_cache = split_cache
         # A tie whose first rows are int8 (TensorQuant.int8_rows) is stored as two tables, each one const that
         # both the lookup and the head read: still stored once, in two compressions.
         self.int8_rows = int8_rows
@@ -79,26 +92,31 @@ class StatefulDecoder(nn.Module):
             attr = offset_attr(name)
             self.register_parameter(attr, nn.Parameter(qw.dequantize(), requires_grad=False))
             self._offset_of[id(params[name])] = attr
-        spec = model.spec
-        ctx = model.max_context
-        for i, block in enumerate(model.layer_map):
-            shape = (1, spec.n_kv_heads[block], ctx, spec.head_dim)
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=torch.float16))
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=torch.float16))
+        for name, shape in cache_shapes(model, split_cache).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float16))
         for name, table in rope_tables(model).items():
             self.register_buffer(name, table)
+        self.windows = sorted({w for w in (model.spec.window(b) for b in model.layer_map) if w is not None})
+        self.residual_scale = residual_scale(model.spec)
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         m = self.model
         t = input_ids.shape[-1]
         end = causal_mask.shape[-1]
         start = end - t
-        cos, sin = self._rope(start, end)
+        ropes = {False: self._rope(start, end)}
+        if m.local_rope_inv_freq is not None:
+            ropes[True] = self._rope(start, end, "rope_local")
+        masks = {None: causal_mask}
+        for window in self.windows:  # keys older than the window are masked too, over the whole cache
+            masks[window] = causal_mask + self._outside_window(start, end, window).to(causal_mask.dtype)
         h = self._embed(input_ids)
         for i, block_idx in enumerate(m.layer_map):
             block = m.layers[block_idx]
             attn, mlp = block.self_attn, block.mlp
-            x = _norm(block.input_layernorm, h)
+            cos, sin = ropes[attn.local_rope]
+            s = self.residual_scale
+            x = _norm(block.input_layernorm, h, s)
             q = self._linear(attn.q_proj, x).view(1, t, attn.n_heads, attn.head_dim)
             k = self._linear(attn.k_proj, x).view(1, t, attn.n_kv, attn.head_dim)
             v = self._linear(attn.v_proj, x).view(1, t, attn.n_kv, attn.head_dim)
@@ -110,19 +128,58 @@ class StatefulDecoder(nn.Module):
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             k_cache[:, :, start:end] = k.to(torch.float16)
             v_cache[:, :, start:end] = v.transpose(1, 2).to(torch.float16)
+            if self.split_cache:
+                self._store_remainders(i, k, v.transpose(1, 2), start, end)
             keys = k_cache[:, :, :end].to(q.dtype)
             values = v_cache[:, :, :end].to(q.dtype)
+            if self.split_cache:
+                keys, values = self._add_remainders(i, keys, values, end)
             reps = attn.n_heads // attn.n_kv
             if reps > 1:
                 keys = keys.repeat_interleave(reps, dim=1)
                 values = values.repeat_interleave(reps, dim=1)
             # No `scale` argument: coremltools emits its fused SDPA only then.
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_mask.to(q.dtype))
-            h = h + self._linear(attn.o_proj, out.transpose(1, 2).reshape(1, t, attn.n_heads * attn.head_dim))
-            x = _norm(block.post_attention_layernorm, h)
-            gated = F.silu(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
-            h = h + self._linear(mlp.down_proj, gated)
-        return self._head(_norm(m.norm, h))
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[attn.window].to(q.dtype))
+            h = h + self._to_residual(
+                self._linear(attn.o_proj, out.transpose(1, 2).reshape(1, t, attn.n_heads * attn.head_dim)),
+                block.attn_out_norm,
+            )
+            x = _norm(block.post_attention_layernorm, h, s)
+            # Core ML's own gelu op in its tanh mode: one fused op on device, and no x³ to overflow fp16.
+            gated = (
+                F.silu(self._linear(mlp.gate_proj, x))
+                if mlp.activation == "silu"
+                else F.gelu(self._linear(mlp.gate_proj, x), approximate="tanh")
+            ) * self._linear(mlp.up_proj, x)
+            h = h + self._to_residual(self._linear(mlp.down_proj, gated), block.mlp_out_norm)
+        return self._head(_norm(m.norm, h, self.residual_scale))
+
+    def _to_residual(self, branch: torch.Tensor, out_norm: RMSNorm | None) -> torch.Tensor:
+        """A branch's output as the residual stream carries it: normalized where the family does, then scaled."""
+        if out_norm is not None:
+            return _norm(out_norm, branch, out_scale=self.residual_scale)
+        return branch if self.residual_scale == 1.0 else branch * self.residual_scale
+
+    def _store_remainders(self, i: int, k: torch.Tensor, v: torch.Tensor, start: Any, end: Any) -> None:
+        """What rounding layer i's new K/V entries to fp16 lost, into the ``_low`` caches."""
+        for name, new in ((f"k_cache_{i}", k), (f"v_cache_{i}", v)):
+            low = (new - new.to(torch.float16).to(new.dtype)).to(torch.float16)
+            getattr(self, f"{name}_low")[:, :, start:end] = low
+
+    def _add_remainders(
+        self, i: int, keys: torch.Tensor, values: torch.Tensor, end: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's cached keys and values with their stored remainders added back."""
+        k_low, v_low = getattr(self, f"k_cache_{i}_low"), getattr(self, f"v_cache_{i}_low")
+        return keys + k_low[:, :, :end].to(keys.dtype), values + v_low[:, :, :end].to(values.dtype)
+
+    @staticmethod
+    def _outside_window(start: Any, end: Any, window: int) -> torch.Tensor:
+        """Additive [end - start, end] mask: -30000 where a key is ``window`` or more positions behind its query."""
+        queries = torch.arange(start, end)
+        keys = torch.arange(0, end)
+        old = keys[None, :] <= queries[:, None] - window
+        return torch.where(old, torch.full((), -30000.0), torch.zeros(()))
 
     def _linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``linear(x)``, plus its blocks' offsets times the sums of x's blocks when its grid has them."""
@@ -133,14 +190,14 @@ class StatefulDecoder(nn.Module):
         sums = x.reshape(*x.shape[:-1], offsets.shape[1], -1).sum(-1)
         return linear(x) + F.linear(sums, offsets)
 
-    def _rope(self, start: Any, end: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, start: Any, end: Any, prefix: str = "rope") -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for positions start..end-1 from two small tables: position p = ROPE_SPLIT·a + b, and
         cos(p·f) = cos(a·S·f) cos(b·f) − sin(a·S·f) sin(b·f) (sin likewise). The full [max_context, head_dim]
         pair is 0.5 MB of fp16 at a 2048 context, which the 80 MB weight.bin needs for the model's weights."""
         positions = torch.arange(start, end)
         coarse, fine = positions // ROPE_SPLIT, positions % ROPE_SPLIT
-        cos_a, sin_a = self.rope_cos_coarse[coarse], self.rope_sin_coarse[coarse]
-        cos_b, sin_b = self.rope_cos_fine[fine], self.rope_sin_fine[fine]
+        cos_a, sin_a = getattr(self, f"{prefix}_cos_coarse")[coarse], getattr(self, f"{prefix}_sin_coarse")[coarse]
+        cos_b, sin_b = getattr(self, f"{prefix}_cos_fine")[fine], getattr(self, f"{prefix}_sin_fine")[fine]
         return cos_a * cos_b - sin_a * sin_b, sin_a * cos_b + cos_a * sin_b
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -153,7 +210,9 @@ class StatefulDecoder(nn.Module):
             head = F.embedding(torch.where(low, input_ids, 0), self.tie_int8)
             tail = F.embedding(torch.where(low, 0, input_ids - n), self.tie_int4)
             rows = torch.where(low.unsqueeze(-1), head, tail)
-        return rows if rotation is None else rotation.undo(rows)  # a table stored rotated (E R): rows times R^T
+        rows = rows if rotation is None else rotation.undo(rows)  # a table stored rotated (E R): rows times R^T
+        scale = (self.model.spec.embed_scale or 1.0) * self.residual_scale
+        return rows if scale == 1.0 else rows * scale
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.model.tie_rotation is not None:
@@ -166,24 +225,47 @@ class StatefulDecoder(nn.Module):
 ROPE_SPLIT = 64
 
 
+def residual_scale(spec: ModelSpec) -> float:
+    """The factor the residual stream is carried at. Gemma's reaches ~1e5 (Gemma-3-270M on the built-in corpus),
+    past fp16's 65504; every branch it receives is normalized (sandwich norms) and every reader is an RMSNorm, so
+    carrying it at 1/64 is exact (eps scaled alike) and a power of two rounds nothing. Others keep 1."""
+    return 1 / 64 if spec.sandwich_norms else 1.0
+
+
 def rope_table_bytes(max_context: int, head_dim: int) -> int:
     """What ``rope_tables`` stores in an fp16 program: cos and sin, coarse and fine rows of head_dim each."""
     return 2 * (-(-max_context // ROPE_SPLIT) + ROPE_SPLIT) * head_dim * 2
 
 
 def rope_tables(model: Decoder) -> dict[str, torch.Tensor]:
-    """The two small cos/sin tables ``StatefulDecoder._rope`` combines: angles in float64, tables in fp32 (an fp16
-    program stores them as fp16 consts)."""
-    inv_freq = model.rope_inv_freq.double()
+    """The two small cos/sin tables ``StatefulDecoder._rope`` combines, per RoPE base (``rope_local_*``: the
+    sliding-window layers' own): angles in float64, tables in fp32 (an fp16 program stores them as fp16 consts)."""
+    bases = {"rope": model.rope_inv_freq}
+    if model.local_rope_inv_freq is not None:
+        bases["rope_local"] = model.local_rope_inv_freq
     coarse = torch.arange(0, -(-model.max_context // ROPE_SPLIT), dtype=torch.float64) * ROPE_SPLIT
     fine = torch.arange(ROPE_SPLIT, dtype=torch.float64)
     tables = {}
-    for kind, positions in (("coarse", coarse), ("fine", fine)):
-        angles = positions[:, None] * inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)  # [n, head_dim], like the rotate-half layout of q and k
-        tables[f"rope_cos_{kind}"] = angles.cos().float()
-        tables[f"rope_sin_{kind}"] = angles.sin().float()
+    for prefix, inv_freq in bases.items():
+        for kind, positions in (("coarse", coarse), ("fine", fine)):
+            angles = positions[:, None] * inv_freq.double()[None, :]
+            angles = torch.cat((angles, angles), dim=-1)  # [n, head_dim], like the rotate-half layout of q and k
+            tables[f"{prefix}_cos_{kind}"] = angles.cos().float()
+            tables[f"{prefix}_sin_{kind}"] = angles.sin().float()
     return tables
+
+
+def cache_shapes(model: Decoder, split: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every K/V state by name: ``{k,v}_cache_{layer}`` [1, kv_heads, max_context, head_dim], and with ``split``
+    each one's ``_low`` remainder."""
+    shapes = {}
+    for i, block in enumerate(model.layer_map):
+        shape = (1, model.spec.n_kv_heads[block], model.max_context, model.spec.head_dim)
+        for kind in ("k", "v"):
+            shapes[f"{kind}_cache_{i}"] = shape
+            if split:
+                shapes[f"{kind}_cache_{i}_low"] = shape
+    return shapes
 
 
 def offset_attr(name: str) -> str:
@@ -209,7 +291,6 @@ def convert(
     """Trace the stateful wrapper and convert it with coremltools; then compress weights per the plan."""
     import coremltools as ct
 
-    spec: ModelSpec = model.spec
     ctx = model.max_context
     head = plan.tensors.get("lm_head.weight")
     int8_rows = head.int8_rows if head is not None and head.bits == 4 else 0
@@ -218,7 +299,8 @@ def convert(
     if model.tie_rotation is not None and (palettize or not quantized):
         raise MlexportError("a rotated tied table needs mlexport's own quantized values; drop --palettize")
     offsets = {} if palettize else float_zero_offsets(quantized or {})
-    wrapper = StatefulDecoder(model, int8_rows, offsets).eval()
+    split_cache = plan.preset == "fp32"
+    wrapper = StatefulDecoder(model, int8_rows, offsets, split_cache).eval()
     example = (torch.zeros((1, 2), dtype=torch.int32), torch.from_numpy(causal_mask(0, 2).astype(np.float32)))
     if status:
         status("tracing the stateful decoder (torch.jit.trace)")
@@ -226,13 +308,10 @@ def convert(
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     tokens = ct.RangeDim(lower_bound=1, upper_bound=ctx, default=1)
     width = ct.RangeDim(lower_bound=1, upper_bound=ctx, default=1)
-    states = []
-    for i, block in enumerate(model.layer_map):
-        shape = (1, spec.n_kv_heads[block], ctx, spec.head_dim)
-        for kind in ("k", "v"):
-            states.append(
-                ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=f"{kind}_cache_{i}")
-            )
+    states = [
+        ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
+        for name, shape in cache_shapes(model, split_cache).items()
+    ]
     if status:
         status(f"converting with coremltools (iOS18, {'fp32' if plan.preset == 'fp32' else 'fp16'} compute)")
     with log.stage("convert"):
@@ -387,6 +466,8 @@ def _weight_consts(mlmodel: Any, config: Any) -> dict[str, Any]:
     for op in mlmodel._mil_program.functions["main"].operations:
         if op.op_type != "const" or op.outputs[0].val is None or np.ndim(op.outputs[0].val) < 2:
             continue
+        if op.name.startswith("rope_"):  # the cos/sin tables are gathered too (an all-zero sin row has no scale)
+            continue
         consumers = {child.op_type for child in op.outputs[0].child_ops}
         if consumers and consumers <= {"linear", "gather", "matmul"}:
             names[op.name] = config
@@ -523,7 +604,8 @@ def _export_artifact(
 
 
 def _fixed_bytes(model: Decoder, plan: QuantPlan) -> int:
-    return rope_table_bytes(model.max_context, model.spec.head_dim)
+    bases = 1 if model.local_rope_inv_freq is None else 2
+    return bases * rope_table_bytes(model.max_context, model.spec.head_dim)
 
 
 PROFILE = TargetProfile(
@@ -562,6 +644,7 @@ PROFILE = TargetProfile(
     runtimes=("coreml",),
     # Core ML's runtime exists only on macOS (`run` and `validate` fall back to the MIL interpreter elsewhere).
     bench_devices=("macos",),
-    # Core ML state is fp16 only.
-    kv_cache_bytes=lambda _quant: 2,
+    # Core ML state is fp16 only; an fp32 program stores each entry as two fp16 halves.
+    kv_cache_bytes=lambda quant: 4 if quant == "fp32" else 2,
+    decoder_features=frozenset({"sliding_window", "sandwich_norms", "mlp_activation=gelu_tanh", "embed_scale"}),
 )

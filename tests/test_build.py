@@ -146,3 +146,31 @@ def test_workflow_runs_shards_then_merge() -> None:
     assert "GITHUB_STEP_SUMMARY" in steps
     assert join["needs"] == "build" and any("mlexport build merge" in str(s.get("run")) for s in join["steps"])
     assert (Path(__file__).parents[1] / flow["env"]["CONFIG"]).is_file()
+
+
+@pytest.mark.slow
+def test_builds_the_newer_architectures_on_every_target(tmp_path: Path) -> None:
+    """A Gemma 3 and a MobileLLM-R1 checkpoint through the same build file as any Llama: each target exports at fp32
+    and passes a tight drift gate (Core ML through the MIL interpreter)."""
+    from test_gemma3 import gemma_config
+    from test_llama4 import r1_config
+
+    models = ""
+    for name, cfg in (("gemma", gemma_config()), ("r1", r1_config())):
+        save_hf_dir(tmp_path / name, cfg)
+        models += f"""
+[[models]]
+name = "{name}"
+source = "{tmp_path / name}"
+targets = ["executorch", "onnx", "coreml"]
+quants = ["fp32"]
+"""
+    path = tmp_path / "mlexport.toml"
+    gate = "kld_mean<=0.0001,same_top1>=0.99"
+    path.write_text(f'[build]\nout = "{tmp_path / "dist"}"\nvalidate_tokens = 48\ngate = "{gate}"\n')
+    path.write_text(path.read_text() + "\n[defaults]\nmax_context = 64\n" + models)
+    manifest = run_build(load_config(path))
+    assert manifest["passed"], [(e["id"], e.get("error"), e.get("drift")) for e in manifest["entries"]]
+    assert sorted(e["id"] for e in manifest["entries"]) == sorted(
+        f"{m}-{t}-fp32" for m in ("gemma", "r1") for t in ("coreml", "executorch", "onnx")
+    )

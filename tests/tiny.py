@@ -124,7 +124,8 @@ def relative_error(got: Any, ref: Any) -> float:
 
 def inspect_export_and_bundle(model_dir: Path, arch: str, out: Path, max_context: int) -> dict[str, Any]:
     """What a new architecture must get through beyond its logits: ``inspect`` on the checkpoint and on the
-    artifact, an 8-bit ``.pte`` export, and the Android demo app's bundle step. Returns the bundle contract."""
+    artifact, 8-bit ``.pte`` and ``.mlpackage`` exports, and both demo apps' bundle steps. Returns the Android
+    bundle contract."""
     import shutil
 
     from typer.testing import CliRunner
@@ -150,6 +151,12 @@ def inspect_export_and_bundle(model_dir: Path, arch: str, out: Path, max_context
     shutil.copytree(Path(__file__).parents[1] / "targets" / "android", android, ignore=shutil.ignore_patterns("assets"))
     contract = bundle("android", android, artifact)
     assert {"model.pte", "tokenizer.json"} <= {f["path"] for f in contract["files"]}
+    options = ExportOptions(model=str(model_dir), target="coreml", quant="8bit", out=out / "c", max_context=max_context)
+    package = run_export(options)[0]
+    assert inspected(package)["target"] == "coreml"
+    ios = out / "ios"
+    shutil.copytree(Path(__file__).parents[1] / "targets" / "ios", ios, ignore=shutil.ignore_patterns("Model"))
+    assert bundle("ios", ios, package)["model_file"] == "model.mlpackage"
     return contract
 
 

@@ -13,6 +13,7 @@ compressed weights; timing and bit-exact device arithmetic still need a Mac.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,20 @@ class MilInterpreter:
     def _op_silu(self, v: dict[str, Any]) -> np.ndarray:
         x = v["x"].astype(np.float32)
         return x / (1.0 + np.exp(-x))
+
+    def _op_select(self, v: dict[str, Any]) -> np.ndarray:
+        """By hand: coremltools infers the result's type from ``a`` and ``b`` alone, scalar when both are."""
+        return np.where(np.asarray(v["cond"]), v["a"], v["b"])
+
+    def _op_gelu(self, v: dict[str, Any]) -> np.ndarray:
+        x = v["x"].astype(np.float32)
+        mode = str(v.get("mode", "EXACT"))
+        if mode == "TANH_APPROXIMATION":
+            return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+        if mode == "SIGMOID_APPROXIMATION":
+            return x / (1.0 + np.exp(-1.702 * x))
+        erf = np.vectorize(math.erf, otypes=[np.float32])
+        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
     def _op_sigmoid(self, v: dict[str, Any]) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-v["x"].astype(np.float32)))
