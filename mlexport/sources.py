@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlexport import architectures
@@ -519,15 +520,16 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
     return LoadedModel(
         spec=spec,
         state_dict=sd,
-        tokenizer_dir=gguf_tokenizer_dir(path, reader),
+        tokenizer_dir=gguf_tokenizer_dir(path, reader, family.gguf_tokenizer_arch),
         source={"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path), "gguf_types": quant_types},
         source_grids=grids,
     )
 
 
-def gguf_tokenizer_dir(path: Path, reader: Any = None) -> Path:
+def gguf_tokenizer_dir(path: Path, reader: Any = None, read_as: str | None = None) -> Path:
     """Convert the GGUF's embedded tokenizer to ``tokenizer.json`` once (cached by file hash). ``reader``: this
-    file's parsed ``GGUFReader``, handed to transformers instead of parsing the file again (~4 s on the demo)."""
+    file's parsed ``GGUFReader``, handed to transformers instead of parsing the file again (~4 s on the demo).
+    ``read_as``: the architecture transformers should take the file for (one whose tokenizer it converts alike)."""
     stat = path.stat()
     key = hashlib.sha256(f"isolated+bos:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "tokenizers" / key
@@ -540,7 +542,7 @@ def gguf_tokenizer_dir(path: Path, reader: Any = None) -> Path:
     # tokenizer_config.json (with its auto_map code) or a different tokenizer.json lying beside the file.
     with tempfile.TemporaryDirectory(dir=out.parent) as isolated:
         (Path(isolated) / "model.gguf").symlink_to(path.resolve())
-        with _reused_gguf_reader(path, reader):
+        with _reused_gguf_reader(path, reader, read_as):
             tok = AutoTokenizer.from_pretrained(isolated, gguf_file="model.gguf", trust_remote_code=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
     tok.save_pretrained(str(tmp))
@@ -555,14 +557,21 @@ def gguf_tokenizer_dir(path: Path, reader: Any = None) -> Path:
 
 
 @contextlib.contextmanager
-def _reused_gguf_reader(path: Path, reader: Any) -> Iterator[None]:
-    """While transformers reads ``path``'s tokenizer, ``gguf.GGUFReader(path)`` returns the reader we have."""
+def _reused_gguf_reader(path: Path, reader: Any, read_as: str | None = None) -> Iterator[None]:
+    """While transformers reads ``path``'s tokenizer, ``gguf.GGUFReader(path)`` returns the reader we have, its
+    ``general.architecture`` reading ``read_as`` when given."""
     import gguf
 
     original = gguf.GGUFReader
     if reader is None:
+        reader = original(str(path)) if read_as else None
+    if reader is None:
         yield
         return
+    arch_field = reader.fields["general.architecture"]
+    if read_as:
+        name = np.frombuffer(read_as.encode(), dtype=np.uint8)
+        reader.fields["general.architecture"] = arch_field._replace(parts=[name], data=[0])
 
     def reuse(target: Any, *args: Any, **kwargs: Any) -> Any:
         if not args and not kwargs and Path(target).resolve() == path.resolve():
@@ -574,3 +583,4 @@ def _reused_gguf_reader(path: Path, reader: Any) -> Iterator[None]:
         yield
     finally:
         gguf.GGUFReader = original
+        reader.fields["general.architecture"] = arch_field

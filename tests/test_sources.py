@@ -36,20 +36,30 @@ def _permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, hf_dir: Path, blocks: str | None = None) -> None:
-    """A GGUF of the tiny HF model; ``blocks`` (e.g. "Q4_1") stores the decoder's 2-D weights quantized like
-    llama.cpp does (the embedding as Q8_0), as the demo model's file is."""
+def write_tiny_gguf(path: Path, hf_dir: Path, blocks: str | None = None, arch: str = "llama") -> None:
+    """A GGUF of the tiny HF model, as llama.cpp's converter writes it; ``blocks`` (e.g. "Q4_1") stores the
+    decoder's 2-D weights quantized like llama.cpp does (the embedding as Q8_0), as the demo model's file is.
+    ``arch="llama4"``: a dense Llama 4 text model (MobileLLM-R1): q/k rows unpermuted, the dense FFN width, and
+    the header keys its converter writes when every layer is full attention."""
     import gguf
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     from safetensors.torch import load_file
 
     sd = load_file(str(hf_dir / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
+    if arch == "llama4":
+        writer.add_feed_forward_length(cfg["intermediate_size_mlp"])
+        writer.add_expert_feed_forward_length(cfg["intermediate_size"])
+        writer.add_interleave_moe_layer_step(0)
+        writer.add_expert_count(0)
+        writer.add_expert_used_count(cfg.get("num_experts_per_tok", 1))
+        writer.add_sliding_window(0)
+    else:
+        writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(cfg["num_attention_heads"])
     writer.add_head_count_kv(cfg["num_key_value_heads"])
     writer.add_key_length(cfg["head_dim"])
@@ -74,6 +84,9 @@ def write_tiny_gguf(path: Path, hf_dir: Path, blocks: str | None = None) -> None
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
+        "feed_forward.gate_proj": "ffn_gate",
+        "feed_forward.up_proj": "ffn_up",
+        "feed_forward.down_proj": "ffn_down",
         "input_layernorm": "attn_norm",
         "post_attention_layernorm": "ffn_norm",
     }
@@ -94,9 +107,9 @@ def write_tiny_gguf(path: Path, hf_dir: Path, blocks: str | None = None) -> None
         else:
             _, _, idx, *rest = key.split(".")
             module = ".".join(rest[:-1])
-            if module == "self_attn.q_proj":
+            if module == "self_attn.q_proj" and arch == "llama":
                 arr = _permute_for_gguf(arr, cfg["num_attention_heads"])
-            if module == "self_attn.k_proj":
+            if module == "self_attn.k_proj" and arch == "llama":
                 arr = _permute_for_gguf(arr, cfg["num_key_value_heads"])
             add(f"blk.{idx}.{names[module]}.weight", arr, blocks)
     writer.write_header_to_file()

@@ -31,6 +31,8 @@ class Architecture:
     # (a GGUF header field getter taking the key without the architecture prefix, the common fields) -> this
     # family's ModelSpec fields, for a family whose GGUF header says more than the common fields.
     gguf_fields: Callable[[Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
+    # The GGUF architecture transformers converts this family's tokenizer as, when it does not know the family.
+    gguf_tokenizer_arch: str | None = None
 
     def describe(self) -> str:
         return f"{self.hf_class} ({'/'.join(self.model_types)})"

@@ -10,6 +10,13 @@ What differs from Llama, and how the shared decoder runs it:
 - Chunked attention and attention temperature tuning change nothing below their thresholds (8,192 by default),
   so an export up to that context is exact; past it the export is refused (``ModelSpec.causal_limit``).
 Mixture-of-experts layers are refused by name.
+
+GGUF (llama.cpp's ``llama4``): q/k rows stay in the checkpoint's interleaved order, which is the order llama.cpp's
+Llama permutation produces, so the same regrouping applies. The header carries no ``no_rope_layers``, QK-norm flag
+or chunk size: llama.cpp's converter writes ``attention.sliding_window = 0`` when every layer is full attention
+(MobileLLM), read here as RoPE and QK-norm on every layer, as the checkpoint it converted had them (llama.cpp's own
+runtime skips RoPE on the last layer there). Without that key, llama.cpp's Llama 4 defaults apply: every 4th layer
+NoPE and chunked attention of 8,192 on the others.
 """
 
 from __future__ import annotations
@@ -100,10 +107,41 @@ def hf_weights(sd: dict[str, Any], spec: Any, cfg: dict[str, Any]) -> dict[str, 
     return out
 
 
+GGUF_NOPE_INTERVAL = 4  # llama.cpp's Llama 4 layer pattern when the header does not say every layer is full
+GGUF_CHUNK = 8192
+
+
+def gguf_fields(field: Any, common: dict[str, Any]) -> dict[str, Any]:
+    n = len(common["layer_map"])
+    experts, step = int(field("expert_count", 0) or 0), int(field("interleave_moe_layer_step", 0) or 0)
+    if experts and step:
+        raise MlexportError(
+            f"the GGUF's llama4 layers are mixture-of-experts ({experts} experts every {step} layers), which mlexport "
+            "does not export; only dense Llama 4 text models (MobileLLM-R1) are supported"
+        )
+    window = field("attention.sliding_window", None)
+    if window is not None and int(window) == 0:
+        rope, limit, reason = [True] * n, None, None
+    else:
+        chunk = int(window) if window else GGUF_CHUNK
+        rope = [(i + 1) % GGUF_NOPE_INTERVAL != 0 for i in range(n)]
+        limit, reason = min(
+            (chunk, f"chunked attention (attention.sliding_window {chunk})"),
+            (GGUF_CHUNK - 1, f"attention temperature tuning (floor_scale {GGUF_CHUNK})"),
+        )
+    return {**common, "rope_blocks": rope, "qk_l2_norm": True, "causal_limit": limit, "causal_limit_reason": reason}
+
+
 ARCH = Architecture(
     name="llama4",
     hf_class="Llama4ForCausalLM",
     model_types=("llama4_text",),
     hf_fields=hf_fields,
     hf_weights=hf_weights,
+    gguf_names=("llama4",),
+    # Interleaved pairs, as llama.cpp's Llama permutation leaves q/k: regrouped into halves the same way.
+    gguf_rope_rows_permuted=True,
+    gguf_fields=gguf_fields,
+    # Llama 3's byte-level BPE vocabulary, which transformers converts for "llama" GGUFs (it has no "llama4").
+    gguf_tokenizer_arch="llama",
 )
