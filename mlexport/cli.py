@@ -385,7 +385,12 @@ def bench(
     device: str = typer.Option("host", "--device", "-d", help="host | adb | adb:SERIAL | qemu-arm64 | macos"),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="prefill length (built-in corpus tokens)"),
     gen_tokens: int = typer.Option(64, "--gen-tokens", help="generated tokens per round (EOS ignored)"),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the runtime's choice)"),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads (default: the runtime's own: ExecuTorch's runner takes the performance cores on Android "
+        "and every core on the host; onnxruntime one per physical core)",
+    ),
     repeat: int = typer.Option(5, "--repeat", help="measured rounds (min / median / p90 over these)"),
     warmup: int = typer.Option(1, "--warmup", help="rounds run first and dropped"),
     runtime: str | None = typer.Option(
