@@ -41,6 +41,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_host_protocol_on_executorch_and_onnx(artifacts: dict[str, Path]) -> None:
     results = run_bench([artifacts["et4"], artifacts["onnx4"]], "host", QUICK)
     runtimes = [r.runtime for r in results]
@@ -218,6 +219,7 @@ def _qemu_toolchain() -> arm64.Toolchain:
         raise
 
 
+@pytest.mark.slow
 def test_qemu_arm64_logits_match_the_host(artifacts: dict[str, Path]) -> None:
     _qemu_toolchain()
     (result,) = run_bench([artifacts["et4"]], "qemu-arm64", BenchSettings(prompt_tokens=12, gen_tokens=6))

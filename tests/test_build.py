@@ -43,6 +43,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_rebuilds_only_what_changed(model_dir: Path, tmp_path: Path) -> None:
     cfg_path = _config(tmp_path, model_dir)
     first = run_build(load_config(cfg_path))

@@ -48,6 +48,7 @@ def test_coremltools_progress_bars_stay_out_of_export_output(tmp_path: Path) -> 
     assert "Running MIL" not in run.stderr + run.stdout and "Converting PyTorch" not in run.stderr + run.stdout
 
 
+@pytest.mark.slow
 def test_cache_shows_and_clears_only_what_is_recomputed(tmp_path: Path) -> None:
     """`mlexport cache` lists the cache; --clear drops what is only recomputed, --clear --all also the downloads,
     and a folder this version did not write is never deleted."""

@@ -69,7 +69,7 @@ def _pte_logits(artifact: Path) -> np.ndarray:
     return every_position_logits(runtime.forward, TOKENS, 9)
 
 
-@pytest.mark.parametrize("which", ["tiny", "ls"])
+@pytest.mark.parametrize("which", ["tiny", pytest.param("ls", marks=pytest.mark.slow)])
 def test_fp32_pte_matches_eager(which: str, tiny_dir: Path, ls_dir: Path, tmp_path: Path) -> None:
     """fp32 parity; for MobileLLM-LS this is the cache-vs-no-cache check at every decode step."""
     model_dir = tiny_dir if which == "tiny" else ls_dir
@@ -114,6 +114,7 @@ def test_every_linear_quantized_with_valid_groups() -> None:
     assert is_quantized(model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_4bit_export_manifest_and_stock_runner(tiny_dir: Path, tmp_path: Path) -> None:
     import json
 

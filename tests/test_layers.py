@@ -122,3 +122,40 @@ def test_pipeline_compares_no_target_name() -> None:
         if isinstance(value, ast.Constant) and value.value in targets
     ]
     assert not compared, f"pipeline.py compares target names at lines {compared}"
+
+
+def test_an_export_calls_no_higher_layer_back(tmp_path: Path) -> None:
+    """At run time too, a 4-bit export (calibration, sensitivity, GPTQ, the tie, the exporter, byte accounting)
+    flows one way: no lower-layer function calls into a higher layer, except the status relays the pipeline hands
+    down (its ``say`` lambda and ``progress`` closures), which only print."""
+    import sys
+
+    from tiny import llama_config, save_hf_dir
+
+    from mlexport.pipeline import ExportOptions, run_export
+
+    save_hf_dir(tmp_path / "m", llama_config(tie_word_embeddings=True))
+    opts = ExportOptions(model=str(tmp_path / "m"), target="onnx", quant="4bit", out=tmp_path / "o")
+    upward: set[str] = set()
+
+    def package_module(frame: object) -> str | None:
+        name = frame.f_globals.get("__name__", "")  # type: ignore[attr-defined]
+        return name if name.startswith("mlexport") else None
+
+    def watch(frame: object, event: str, _arg: object) -> None:
+        caller_frame = frame.f_back  # type: ignore[attr-defined]
+        if event != "call" or caller_frame is None:
+            return
+        callee, caller = package_module(frame), package_module(caller_frame)
+        if callee is None or caller is None or layer(callee) <= layer(caller):
+            return
+        relay = callee == "mlexport.pipeline" and frame.f_code.co_name in ("<lambda>", "progress")  # type: ignore[attr-defined]
+        if not relay:
+            upward.add(f"{caller}.{caller_frame.f_code.co_name} -> {callee}.{frame.f_code.co_name}")  # type: ignore[attr-defined]
+
+    sys.setprofile(watch)
+    try:
+        run_export(opts, status=lambda _text: None)
+    finally:
+        sys.setprofile(None)
+    assert not upward, "\n".join(sorted(upward))

@@ -88,6 +88,7 @@ def test_int4_onnx_matches_the_same_dequantized_weights(
     assert (fast.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_tuned_scales_and_norm_gains_reach_the_onnx_model(
     models: dict[str, Path], tmp_path: Path, small_tuning: None
 ) -> None:
@@ -115,6 +116,7 @@ def test_8bit_and_fp16_track_eager(models: dict[str, Path], tmp_path: Path) -> N
         assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), quant
 
 
+@pytest.mark.slow
 def test_ls_and_tie_store_each_weight_once(models: dict[str, Path], tmp_path: Path) -> None:
     sizes = {}
     for name in ("ls", "ls-twin"):

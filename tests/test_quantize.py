@@ -152,6 +152,7 @@ def test_sequential_gptq_beats_rtn_on_a_tiny_model(tiny: Path) -> None:
     assert torch.equal(q_proj.qdata, values["layers.0.self_attn.q_proj.weight"].qdata)
 
 
+@pytest.mark.slow
 def test_prepare_is_cached_and_reproducible(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLEXPORT_CACHE", str(tmp_path / "cache"))
     loaded = load_model(str(tiny))
@@ -257,6 +258,7 @@ def test_executorch_refuses_zero_points() -> None:
         validate_options(ExportOptions(target="onnx", quantizer="awq"))
 
 
+@pytest.mark.slow
 def test_quantize_sweep_scores_every_preset(tiny: Path) -> None:
     from mlexport.validate.sweep import sweep
 

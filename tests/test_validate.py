@@ -105,6 +105,7 @@ def _validate(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mlexport.cli", "validate", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_validate_reports_and_gates(artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
     model, good, bad = artifacts
     gate = "export.max_abs<=1e-3,kld_mean<=0.01"
