@@ -1,6 +1,6 @@
 """Benchmark: the tied-table layouts of an R1-140M-shaped model, where the 128k x 576 table is most of the model.
 
-    .venv/bin/python benchmarks/r1_tie_layouts.py [--work DIR] [--effort fast]
+    .venv/bin/python benchmarks/r1_tie_layouts.py [--work DIR] [--effort fast] [--only TARGET:MODE ...]
 
 Writes a random-weight dense Llama 4 text checkpoint at MobileLLM-R1-140M's shape (benchmarks/export_scale.py),
 exports it at 4 bits with each layout each target offers (`--tie-mode`), and prints a table: stored MB, the bar
@@ -22,6 +22,7 @@ from export_scale import SHAPES, WEIGHTS, demo_tokenizer, write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = [  # (target, tie mode, how the table is stored)
     ("executorch", "shared8", "int8 per row, read by the lookup and the head"),
+    ("executorch", "shared4", "4-bit groups of 32, the lookup reading the head's XNNPACK bytes"),
     ("executorch", "dup4", "4-bit groups of 32, once for the lookup and once for the head"),
     ("onnx", "shared4", "4-bit groups of 32 with zero points, one initializer"),
     ("onnx", "shared8", "int8 per row, one initializer"),
@@ -45,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "r1-ties")
     parser.add_argument("--effort", default="fast", help="4-bit effort for every export (the layout is what varies)")
+    parser.add_argument("--only", nargs="*", default=None, help="TARGET:MODE rows to run (default: every layout)")
     args = parser.parse_args()
     model_dir = args.work / "r1-140M"
     params = write_checkpoint(model_dir, SHAPES["R1-140M"], demo_tokenizer())
@@ -54,6 +56,8 @@ def main() -> None:
     table = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"].float()
     rows = []
     for target, mode, layout in LAYOUTS:
+        if args.only and f"{target}:{mode}" not in args.only:
+            continue
         out = args.work / f"{target}-{mode}"
         cmd = [sys.executable, "-m", "mlexport.cli", "export", "--model", str(model_dir), "--target", target]
         cmd += ["--quant", "4bit", "--effort", args.effort, "--tie-mode", mode, "-o", str(out), "--force"]

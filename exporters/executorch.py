@@ -32,6 +32,53 @@ NON_DELEGATED_LABEL = (
 TIED_PREFIXES = ("p_embed_tokens", "p_lm_head", "embed_tokens", "lm_head")
 
 
+class XnnpackLayoutLookup(nn.Module):
+    """The lookup of a 4-bit tie over the head's own XNNPACK bytes: nibbles packed with the even column low, +8, and
+    bf16 group scales, so model.ptd stores the table once for both. ExecuTorch's ``embedding_4bit`` reads the high
+    nibble first, so each pair of columns comes out swapped, and is swapped back."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        q = qdata.to(torch.int16) + 8
+        packed = ((q[:, 1::2] << 4) | q[:, 0::2]).to(torch.uint8)
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.scales = nn.Parameter(scale.to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.packed, self.scales, None, -8, 7, tokens, dtype=self.dtype
+        )
+        return rows.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+@contextmanager
+def head_bytes_lookup(model: Decoder) -> Iterator[bool]:
+    """While exporting a ``shared4`` tie, the lookup reads the head's XNNPACK bytes (``XnnpackLayoutLookup``);
+    yields whether it does. Without it the lookup would pack its own copy of the table in ExecuTorch's order."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    embed = model.embed_tokens
+    weight = embed.weight.data if isinstance(embed.weight, nn.Parameter) else embed.weight
+    head = model.lm_head.weight.data if isinstance(model.lm_head.weight, nn.Parameter) else model.lm_head.weight
+    shares_4bit_head = (
+        isinstance(weight, IntxUnpackedToInt8Tensor)
+        and isinstance(head, IntxUnpackedToInt8Tensor)
+        and weight.target_dtype == torch.int4
+        and weight.qdata.untyped_storage().data_ptr() == head.qdata.untyped_storage().data_ptr()
+    )
+    if not shares_4bit_head:
+        yield False
+        return
+    if weight.zero_point is not None and bool(weight.zero_point.any()):
+        raise ValueError("XNNPACK's 4-bit head is symmetric: a shared 4-bit table cannot carry zero points")
+    model.embed_tokens = XnnpackLayoutLookup(weight.qdata, weight.scale, weight.dtype)
+    try:
+        yield True
+    finally:
+        model.embed_tokens = embed
+
+
 def runner_metadata(spec: ModelSpec, max_context: int) -> dict[str, Any]:
     """Constant methods that ExecuTorch's LLM runners (Python, llama_main, Android LlmModule) read."""
     meta: dict[str, Any] = {
@@ -84,10 +131,11 @@ def export_pte(model: Decoder, out_dir: Path, log: Any, status: Any = None, shar
         # placeholders that reach the XNNPACK serializer, and lowering's own unwrapping drops node metadata.
         from torchao.utils import unwrap_tensor_subclass
 
-        unwrap_tensor_subclass(model)
         model.last_logits_only = True  # runners read the last position; validate decodes the others
         try:
-            program = export(model, (tokens, input_pos), dynamic_shapes=dynamic, strict=False)
+            with head_bytes_lookup(model):
+                unwrap_tensor_subclass(model)
+                program = export(model, (tokens, input_pos), dynamic_shapes=dynamic, strict=False)
         finally:
             model.last_logits_only = False
         if share_tied:
@@ -533,6 +581,7 @@ EXPECTED_NON_DELEGATED = {
     "embedding",  # fp32 lookup: XNNPACK has no embedding op
     "embedding_byte",
     "embedding_4bit",
+    "flip",  # a shared 4-bit table's column pairs, swapped back after the lookup ([tokens, dim])
     "slice_copy",
     "select_copy",
     "sym_size",
@@ -569,8 +618,8 @@ def _say(status: Any, text: str) -> None:
 def _export_artifact(
     model: Decoder, plan: Any, out_dir: Path, log: Any, status: Any, quantized: Any, opts: Any
 ) -> dict[str, Any]:
-    # Tied tensors always go to model.ptd: shared8 stores them once there, and dup4's two copies stay visible to
-    # `inspect` under their own names.
+    # Tied tensors always go to model.ptd: shared8 and shared4 store them once there, and dup4's two copies stay
+    # visible to `inspect` under their own names.
     return export_pte(model, out_dir, log, status, share_tied=model.spec.tie_embeddings)
 
 
@@ -583,8 +632,10 @@ def _fixed_bytes(model: Decoder, plan: Any) -> int:
 PROFILE = TargetProfile(
     name="executorch",
     weight_files=(".pte", ".ptd"),
-    # XNNPACK has no quantized gather over a 4-bit head's blocks: one int8 table, or the tie stored twice.
-    tie_modes=("shared8", "dup4"),
+    # One int8 table; one 4-bit table that the lookup reads in XNNPACK's packing; or a 4-bit tie stored twice.
+    tie_modes=("shared8", "shared4", "dup4"),
+    rotates_4bit_tie=True,
+    large_table_tie_mode="shared4",
     # XNNPACK keeps int4 group scales as bf16 and int8 scales as fp32; a reused Q4_1 grid's zero points become
     # int8 block offsets with an fp32 scale per row (quantize/block_offsets.py).
     scale_bytes={4: 2, 8: 4, BLOCK_OFFSETS: 4},

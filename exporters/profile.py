@@ -59,6 +59,9 @@ class TargetProfile:
     tie_group: int | None = None
     tie_int8_rows: int = 0
     rotates_4bit_tie: bool = False
+    # The default tie layout for a table over half the model's parameters whose width rotates (quantize/rotation.py),
+    # when it differs from ``tie_modes[0]``: such a table at int8 would outweigh the rest of the model.
+    large_table_tie_mode: str | None = None
     # Options only this target takes (CLI flag names), and whether its default effort calibrates on the full recipe.
     own_options: tuple[str, ...] = ()
     full_calibration: bool = False

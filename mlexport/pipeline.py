@@ -92,6 +92,11 @@ def _grid_reuse(p: TargetProfile) -> str:
     return f"at --effort {'|'.join(p.reuse_grid_efforts)}" if p.reuse_grid_efforts else "off"
 
 
+def _default_tie(p: TargetProfile) -> str:
+    large = p.large_table_tie_mode
+    return p.tie_modes[0] + (f" ({large} for a table over half the parameters)" if large else "")
+
+
 def _symmetry(p: TargetProfile) -> str:
     return "symmetric only" if p.symmetric_only else "asymmetric" if p.asymmetric else "symmetric"
 
@@ -124,7 +129,7 @@ class ExportOptions:
     tie_mode: str = _option(
         "default",
         "--tie-mode",
-        help=f"tied embedding layout [default: {_per_target(lambda p: p.tie_modes[0])}]: shared8 (one int8 table, "
+        help=f"tied embedding layout [default: {_per_target(_default_tie)}]: shared8 (one int8 table, "
         f"stored once; {_taking(lambda p: 'shared8' in p.tie_modes)}) | shared4 (one 4-bit table; "
         f"{_taking(lambda p: 'shared4' in p.tie_modes)}) | dup4 (4-bit, stored twice; "
         f"{_taking(lambda p: 'dup4' in p.tie_modes)}) | auto (score the target's layouts on the built-in corpus; "
@@ -320,7 +325,7 @@ def _export_one(loaded: LoadedModel, opts: ExportOptions, target: str, out: Path
 
         target_profile = profile(target)
         tie_choice = choose_tie(loaded, opts, target, say, log)
-        tie_mode = tie_choice["mode"] if tie_choice else resolved_tie_mode(opts.tie_mode, target)
+        tie_mode = tie_choice["mode"] if tie_choice else resolved_tie_mode(opts.tie_mode, target, spec)
         if (
             opts.tie_mode not in ("auto", "default")
             and spec.tie_embeddings
@@ -734,9 +739,17 @@ def compute_quantized(
     )
 
 
-def resolved_tie_mode(requested: str, target: str) -> str:
-    """The tie layout ``--tie-mode`` names, with "default" (and "auto" before it is measured) as the target's first."""
-    return profile(target).tie_modes[0] if requested in ("auto", "default") else requested
+def resolved_tie_mode(requested: str, target: str, spec: Any = None) -> str:
+    """The tie layout ``--tie-mode`` names; "default" (and "auto" before it is measured) is the target's first, or
+    its ``large_table_tie_mode`` for a table over half of ``spec``'s parameters whose width rotates."""
+    if requested not in ("auto", "default"):
+        return requested
+    p = profile(target)
+    if p.large_table_tie_mode and spec is not None and spec.tie_embeddings:
+        table = spec.vocab_size * spec.dim
+        if 2 * table > spec.param_count() and tie_rotation_record(spec.dim) is not None:
+            return p.large_table_tie_mode
+    return p.tie_modes[0]
 
 
 def choose_tie(
@@ -767,6 +780,7 @@ def choose_tie(
             per_channel_int8=target_profile.int8_per_channel,
             rotate_tie=target_profile.int8_activations,  # as plan_for_target rotates it
             smooth_windows=windows,
+            rotate_4bit_tie=target_profile.rotates_4bit_tie and not opts.palettize,
         )
     scores = ", ".join(
         f"{c['mode']} KLD {c['kld_mean']:.3f} {c['predicted_bytes'] / 1e6:.1f} MB" for c in choice["candidates"]

@@ -17,8 +17,9 @@ from mlexport.errors import MlexportError
 PRESETS = ("4bit", "8bit", "fp16", "fp32")
 DEFAULT_GROUP_SIZE = 32
 # How a tied embedding/lm_head is quantized: "shared8" = one int8 table that both the lookup and an 8-bit head
-# read (stored once); "shared4" = one 4-bit block table for both (stored once; needs a runtime with a block-quantized
-# gather: ONNX GatherBlockQuantized); "dup4" = a 4-bit table plus a separate 4-bit head (stored twice).
+# read (stored once); "shared4" = one 4-bit block table for both (stored once; needs a gather that reads the head's
+# blocks: ONNX GatherBlockQuantized, ExecuTorch's embedding_4bit over XNNPACK's packing); "dup4" = a 4-bit table plus
+# a separate 4-bit head (stored twice).
 TIE_MODES = ("shared8", "shared4", "dup4")
 
 

@@ -43,13 +43,16 @@ def choose_tie_mode(
     per_channel_int8: bool = True,
     rotate_tie: bool = False,
     smooth_windows: list[list[int]] | None = None,
+    rotate_4bit_tie: bool = False,
 ) -> dict[str, Any]:
     """Return {"mode": chosen, "candidates": [...], "rule": ...} for a tied fp32 ``model`` (left unchanged).
 
     ``rotate_tie`` and ``smooth_windows`` (calibration windows): score each layout as the target's export runs it,
     with its tied table rotated where the plan rotates it and its int8 activations smoothed (ExecuTorch), so the
-    layouts are compared on the model that will ship, not on one the export never builds."""
-    from mlexport.quantize.rotation import plan_tie_rotation
+    layouts are compared on the model that will ship, not on one the export never builds. ``rotate_4bit_tie``: a
+    ``shared4`` table is stored rotated too, as the target's export stores it."""
+    from mlexport.quantize.rotation import plan_tie_rotation, tie_rotation_record
+    from mlexport.quantize.rotation import rotate_tie as rotate_table
     from mlexport.quantize.smoothing import plan_smoothing
     from mlexport.quantize.torchao_map import apply_plan
 
@@ -66,6 +69,9 @@ def choose_tie_mode(
             plan = plan_tie_rotation(candidate, plan)
         if smooth_windows:
             plan = plan_smoothing(candidate, plan, smooth_windows)
+        if rotate_4bit_tie and plan.tie_mode == "shared4":
+            plan.tie_rotation = tie_rotation_record(candidate.embed_tokens.weight.shape[1])
+            rotate_table(candidate, plan)
         quantized = apply_plan(candidate, plan)
         with torch.no_grad():
             test = torch.log_softmax(quantized(tokens)[0].double(), -1)

@@ -207,6 +207,47 @@ def test_dup4_duplication_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
     assert manifest["storage"]["duplicated_bytes"] > 0
 
 
+def test_shared4_stores_the_table_once_and_tracks_eager(tiny_dir: Path, tmp_path: Path) -> None:
+    """shared4: the lookup reads the head's own XNNPACK bytes (4-bit nibbles and bf16 scales), so model.ptd holds
+    one table for both, and the .pte follows PyTorch running the same plan at every step."""
+    from mlexport.exporters.executorch import stored_blobs
+    from mlexport.validate.drift import quantized_reference
+
+    opts = ExportOptions(
+        model=str(tiny_dir), quant="4bit", effort="fast", out=tmp_path / "s4", max_context=64, tie_mode="shared4"
+    )
+    out = run_export(opts)[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    tie = manifest["sharing"]["tie"]
+    assert tie["mode"] == "shared4" and tie["duplicated_bytes"] == 0 and tie["rotation"] is not None
+    assert manifest["storage"]["duplicated_bytes"] == 0 and not manifest["warnings"]
+    dim = llama_config()["hidden_size"]
+    table = [b for b in stored_blobs(out) if b["file"] == "model.ptd" and b["bytes"] == VOCAB * dim // 2]
+    assert len(table) == 1 and "embed_tokens.packed" in table[0]["keys"] and len(table[0]["keys"]) == 2
+    reference = quantized_reference(load_model(str(tiny_dir)), manifest, 64)
+    with torch.no_grad():
+        want = reference(torch.tensor([TOKENS]))[0].numpy()
+    got = _pte_logits(out)
+    # the lookup's scales are bf16 where PyTorch keeps fp32; XNNPACK rounds the activations to int8 either way
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_a_large_rotatable_table_defaults_to_shared4() -> None:
+    """The int8 tie would outweigh the rest of an R1-shaped model (a 128k table, half the parameters): there the
+    default is the 4-bit table stored once; the demo's shape keeps the int8 table."""
+    from mlexport.pipeline import resolved_tie_mode
+    from mlexport.spec import ModelSpec
+
+    def spec(vocab: int) -> ModelSpec:
+        n = 15
+        return ModelSpec("r1", "llama4", vocab, 576, 64, [9] * n, [3] * n, [2048] * n, list(range(n)))
+
+    assert resolved_tie_mode("default", "executorch", spec(128_256)) == "shared4"
+    assert resolved_tie_mode("default", "executorch", spec(49_152)) == "shared8"
+    assert resolved_tie_mode("dup4", "executorch", spec(128_256)) == "dup4"
+
+
 @pytest.mark.slow
 def test_q4_1_gguf_body_is_reexported_as_int4_blocks_plus_int8_offsets(tmp_path: Path) -> None:
     """A Q4_1 GGUF's body on XNNPACK, which has no zero points: each Linear runs its GGUF 4-bit blocks as 8da4w plus

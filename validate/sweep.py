@@ -84,7 +84,9 @@ def sweep(
         opts = dataclasses.replace(ExportOptions(target=target), **overrides)
         model = build_decoder(loaded.spec, loaded.state_dict, max_context=window)
         say(f"{label}: planning")
-        plan = plan_for_target(model, loaded, opts, target, resolved_tie_mode("default", target), say, StageLog())
+        plan = plan_for_target(
+            model, loaded, opts, target, resolved_tie_mode("default", target, loaded.spec), say, StageLog()
+        )
         size = stored_bytes(model, plan, target)["total"]
         values = compute_quantized(model, plan, loaded, None, say)
         values = as_target_stores(values, profile(target).stores_block_offsets)  # int8 block offsets
