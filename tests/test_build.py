@@ -151,18 +151,16 @@ def test_workflow_runs_shards_then_merge() -> None:
 
 @pytest.mark.slow
 def test_builds_the_newer_architectures_on_every_target(tmp_path: Path) -> None:
-    """A Gemma 3 and a MobileLLM-R1 checkpoint through the same build file as any Llama: each target exports at fp32
-    and passes a tight drift gate (Core ML through the MIL interpreter)."""
+    """A Gemma 3 checkpoint (the family furthest from Llama) through the same build file as any Llama: each target
+    exports at fp32 and passes a tight drift gate (Core ML through the MIL interpreter). R1 and Gemma each match
+    transformers on every target in their own tests; this checks the build's path for a newer family."""
     from test_gemma3 import gemma_config
-    from test_llama4 import r1_config
 
-    models = ""
-    for name, cfg in (("gemma", gemma_config()), ("r1", r1_config())):
-        save_hf_dir(tmp_path / name, cfg)
-        models += f"""
+    save_hf_dir(tmp_path / "gemma", gemma_config())
+    models = f"""
 [[models]]
-name = "{name}"
-source = "{tmp_path / name}"
+name = "gemma"
+source = "{tmp_path / "gemma"}"
 targets = ["executorch", "onnx", "coreml"]
 quants = ["fp32"]
 """
@@ -173,5 +171,5 @@ quants = ["fp32"]
     manifest = run_build(load_config(path))
     assert manifest["passed"], [(e["id"], e.get("error"), e.get("drift")) for e in manifest["entries"]]
     assert sorted(e["id"] for e in manifest["entries"]) == sorted(
-        f"{m}-{t}-fp32" for m in ("gemma", "r1") for t in ("coreml", "executorch", "onnx")
+        f"gemma-{t}-fp32" for t in ("coreml", "executorch", "onnx")
     )

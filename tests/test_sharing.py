@@ -111,8 +111,8 @@ def test_ls_artifact_stores_blocks_once(tmp_path: Path) -> None:
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["accounting"]["within_slack"], manifest["accounting"]
         tie = manifest["sharing"]["tie"]
-        assert (tie["mode"], tie["duplicated_bytes"], tie["auto"]["mode"]) == ("shared8", 0, "shared8")
-        assert [c["mode"] for c in tie["auto"]["candidates"]] == ["shared8", "dup4"]
+        assert tie["mode"] == tie["auto"]["mode"] in ("shared8", "shared4") and tie["duplicated_bytes"] == 0
+        assert [c["mode"] for c in tie["auto"]["candidates"]] == ["shared8", "shared4", "dup4"]
         # the layouts were scored on the model the export ships: its int8 activations smoothed
         assert manifest["quant_plan"]["smoothing"] and all(c["smoothed"] for c in tie["auto"]["candidates"])
         storage = manifest["storage"]
