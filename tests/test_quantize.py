@@ -274,9 +274,14 @@ def test_quantize_sweep_scores_every_preset(tiny: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quantize_sweep_scores_a_held_out_text_under_llama_cpp_protocol(tiny: Path, tmp_path: Path) -> None:
+def test_quantize_sweep_scores_a_held_out_text_under_llama_cpp_protocol(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The protocol, not the presets (test_quantize_sweep_scores_every_preset scores those): two cheap rows."""
+    from mlexport.validate import sweep as sweep_module
     from mlexport.validate.sweep import sweep
 
+    monkeypatch.setattr(sweep_module, "SWEEP_ROWS", sweep_module.SWEEP_ROWS[:2])
     held_out = tmp_path / "held_out.txt"
     held_out.write_text(" ".join(f"clause {i} of the agreement binds party {i % 7}." for i in range(200)))
     loaded = load_model(str(tiny))
